@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): installs what the tests need on a fresh
+# Debian machine, then runs formatting, lints and every test against real components
+# (a mosquitto broker per test, HTTP receivers and SQLite files on loopback/temp dirs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Debian installs mosquitto in /usr/sbin, which is not on every PATH.
+export PATH="$PATH:/usr/sbin"
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets -- --test-threads "${TEST_THREADS:-2}"

@@ -1,0 +1,157 @@
+//! Technician commands: clap definitions and one file per subcommand.
+//!
+//! Commands are synchronous and call `store`/`config`; they never write SQL themselves.
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage (clap), 78 config error (sysexits `EX_CONFIG`).
+
+pub mod check_config;
+pub mod queue;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Exit code for an invalid configuration (sysexits `EX_CONFIG`); systemd does not restart on it.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Default config path on a gateway.
+pub const DEFAULT_CONFIG: &str = "/etc/hvac-edge/hvac-edge.toml";
+
+/// hvac-edge: thermostat state to a durable outbox to signed upstream delivery.
+#[derive(Debug, Parser)]
+#[command(name = "hvac-edge", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on an embedded config with a simulated fleet and an in-process
+    /// receiver that verifies signatures and goes away for a while.
+    Demo {
+        /// Seconds of simulated traffic.
+        #[arg(long, default_value_t = 20)]
+        duration_secs: u64,
+        /// When the receiver goes away (seconds after start).
+        #[arg(long, default_value_t = 6)]
+        outage_at_secs: u64,
+        /// How long the receiver stays away.
+        #[arg(long, default_value_t = 7)]
+        outage_secs: u64,
+        /// Print only status lines and the summary, not every event.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Validate a config file and print every problem, each with its key.
+    CheckConfig {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Inspect the outbox (works while the daemon runs).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+/// `hvac-edge queue …`
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Per sink: pending events, oldest pending age, dead letters, next attempt; database size.
+    Stats {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dead letters, newest first.
+    DeadLetters {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only this sink.
+        #[arg(long)]
+        sink: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the database is: from the config (default) or given directly.
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// Config file whose `store.path` names the database.
+    #[arg(short, long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Database file (overrides the config).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The database path.
+    ///
+    /// # Errors
+    /// When the config cannot be read or parsed.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.db {
+            return Ok(p.clone());
+        }
+        // Only store.path is needed: parse without validating secrets (they may be root-only).
+        let text = std::fs::read_to_string(&self.config).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e} (or pass --db PATH)",
+                self.config.display()
+            )
+        })?;
+        let cfg: crate::config::Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not valid TOML for hvac-edge: {e}",
+                self.config.display()
+            )
+        })?;
+        Ok(cfg.store.path)
+    }
+}
+
+/// Formats a duration in ms as `3d4h`, `5m12s`, `800ms`.
+pub fn human_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    let s = ms / 1000;
+    if s == 0 {
+        format!("{ms}ms")
+    } else if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else if s < 86_400 {
+        format!("{}h{:02}m", s / 3600, (s / 60) % 60)
+    } else {
+        format!("{}d{:02}h", s / 86_400, (s / 3600) % 24)
+    }
+}
+
+/// Formats a byte count as `12.3 MiB`.
+pub fn human_bytes(b: u64) -> String {
+    const U: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

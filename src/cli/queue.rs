@@ -1,0 +1,92 @@
+//! `hvac-edge queue stats|dead-letters`: read-only views of the outbox, safe while the daemon runs.
+
+use super::{human_bytes, human_ms};
+use crate::store::{self, outbox};
+use std::path::Path;
+
+/// Prints queue statistics.
+///
+/// # Errors
+/// When the database cannot be opened or read.
+pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
+    let conn = store::open(db, store::Mode::ReadOnly, &store::Options::default())?;
+    let now = crate::telemetry::now_ms();
+    let q = outbox::queue_stats(&conn, db, now)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&q)?);
+        return Ok(());
+    }
+    println!(
+        "database {}: {} (+ WAL {}), {} events stored, {} devices, {} events evicted by the size cap",
+        db.display(),
+        human_bytes(q.db_file_bytes),
+        human_bytes(q.wal_bytes),
+        q.events_stored,
+        q.devices,
+        q.evicted_events
+    );
+    if q.sinks.is_empty() {
+        println!("no sinks have run on this database yet");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<6} {:<10} {:>9} {:>10} {:>6} {:>9} {:>12}  last error",
+        "sink", "kind", "status", "pending", "oldest", "dead", "failures", "next try"
+    );
+    for s in &q.sinks {
+        let next = match s.row.next_attempt_at {
+            Some(t) if t > now => format!("in {}", human_ms(t - now)),
+            Some(_) => "due".to_string(),
+            None if s.pending > 0 => "now".to_string(),
+            None => "-".to_string(),
+        };
+        println!(
+            "{:<16} {:<6} {:<10} {:>9} {:>10} {:>6} {:>9} {:>12}  {}",
+            s.row.name,
+            s.row.kind,
+            s.row.status,
+            s.pending,
+            s.oldest_pending_age_ms.map_or("-".to_string(), human_ms),
+            s.dead_letters,
+            s.row.consecutive_failures,
+            next,
+            s.row.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+/// Lists dead letters.
+///
+/// # Errors
+/// When the database cannot be opened or read.
+pub fn dead_letters(db: &Path, sink: Option<&str>, limit: i64, json: bool) -> anyhow::Result<()> {
+    let conn = store::open(db, store::Mode::ReadOnly, &store::Options::default())?;
+    let list = outbox::dead_letters(&conn, db, sink, limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<38} {:<16} {:>6} {:<14} {:<8} {:>6}  response",
+        "sink", "event id", "device", "seq", "type", "reason", "status"
+    );
+    for d in list {
+        println!(
+            "{:<16} {:<38} {:<16} {:>6} {:<14} {:<8} {:>6}  {}",
+            d.sink,
+            d.event_id,
+            d.device,
+            d.seq,
+            d.kind,
+            d.reason,
+            d.http_status.map_or("-".to_string(), |s| s.to_string()),
+            d.response_snippet.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Wiring: open the store, start the writer thread, the sources, the ticker and the sinks; map
+//! signals; tell systemd; shut down in order.
+//!
+//! Shutdown order (style.md §2.6): (1) `STOPPING=1`, cancel sources and ticker, which drop their
+//! senders at a safe point; (2) the writer drains the channel, commits, acks, checkpoints and
+//! exits; (3) sinks are cancelled: an in-flight request finishes within its own timeout, nothing
+//! new starts; (4) wait at most `shutdown_grace_secs`, then exit anyway: committed data is safe.
+//! Contains no SQL, parsing or protocol logic.
+
+use crate::config::Config;
+use crate::sinks::HttpSink;
+use crate::sources::mqtt::MqttSource;
+use crate::sources::simulator::Simulator;
+use crate::sources::{SharedStats, SourceStats};
+use crate::store::writer::{Writer, WriterMsg, WriterSettings, WriterStats};
+use crate::store::{self, Options};
+use anyhow::Context as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Store connection options from the config.
+pub fn store_options(cfg: &Config) -> Options {
+    Options {
+        synchronous: cfg.store.synchronous,
+        busy_timeout: Duration::from_millis(cfg.store.busy_timeout_ms),
+    }
+}
+
+/// Handles the running daemon exposes (to the demo and tests).
+#[derive(Clone)]
+pub struct Handles {
+    /// Writer counters.
+    pub writer: Arc<WriterStats>,
+    /// Latest committed event position.
+    pub committed: watch::Receiver<i64>,
+    /// Counters per source name.
+    pub sources: Vec<(String, SharedStats)>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled (or a fatal error).
+///
+/// `ready` receives the [`Handles`] once everything is started.
+///
+/// # Errors
+/// Fatal problems only: the database cannot be opened or written, a component cannot be built.
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) -> anyhow::Result<()> {
+    let db = cfg.store.path.clone();
+    let opts = store_options(&cfg);
+    let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+    let (committed_tx, committed_rx) = watch::channel(0i64);
+    let (obs_tx, obs_rx) = mpsc::channel::<WriterMsg>(cfg.pipeline.queue_len);
+    let writer_stats = Arc::new(WriterStats::default());
+    let settings = WriterSettings {
+        gateway: cfg.gateway.id.clone(),
+        default_plant: cfg.gateway.plant.clone(),
+        devices: cfg.device_meta(),
+        policy: cfg.diff_policy(),
+        batch_max: cfg.pipeline.batch_max,
+        commit_delay: Duration::from_millis(cfg.pipeline.commit_delay_ms),
+        snapshot_interval_ms: (cfg.pipeline.snapshot_interval_secs as i64).saturating_mul(1000),
+        checkpoint_interval: Duration::from_secs(cfg.pipeline.checkpoint_interval_secs),
+        sinks: cfg.sinks.http.iter().map(|s| s.name.clone()).collect(),
+        max_bytes: cfg.store.max_bytes,
+        max_events: cfg.store.max_events,
+    };
+    let mut writer = Writer::open(
+        conn,
+        db.clone(),
+        settings,
+        committed_tx,
+        writer_stats.clone(),
+    )?;
+    let devices_at_start = writer.device_count();
+    let mut last_status = Instant::now() - Duration::from_secs(60);
+    writer.on_commit(move |st: &WriterStats| {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        if last_status.elapsed() >= Duration::from_secs(5) {
+            last_status = Instant::now();
+            let status = format!(
+                "events committed {}, stored {}, evicted {}",
+                st.events.load(Ordering::Relaxed),
+                st.stored.load(Ordering::Relaxed),
+                st.evicted.load(Ordering::Relaxed)
+            );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+        }
+    });
+    let rt = tokio::runtime::Handle::current();
+    let (writer_done_tx, mut writer_done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("hvac-edge-writer".into())
+        .spawn(move || {
+            let res = writer.run(obs_rx, rt);
+            let _ = writer_done_tx.send(res);
+        })
+        .context("cannot start the writer thread")?;
+
+    let sources_token = CancellationToken::new();
+    let sinks_token = CancellationToken::new();
+    let sources = TaskTracker::new();
+    let sinks = TaskTracker::new();
+    let mut source_stats = Vec::new();
+
+    for s in cfg.sinks.http.clone() {
+        let name = s.name.clone();
+        let sink = HttpSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        let (db, opts, rx, tok) = (
+            db.clone(),
+            opts.clone(),
+            committed_rx.clone(),
+            sinks_token.clone(),
+        );
+        sinks.spawn(async move {
+            if let Err(e) = sink.run(db, opts, rx, tok).await {
+                tracing::error!(sink = %name, error = %e, "Sink stopped on a store error");
+            }
+        });
+    }
+    for s in cfg.sources.mqtt.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        source_stats.push((name.clone(), stats.clone()));
+        let src =
+            MqttSource::new(s, stats).with_context(|| format!("cannot start source {name}"))?;
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(async move {
+            if let Err(e) = src.run(tx, tok).await {
+                tracing::error!(source = %name, error = %e, "Source stopped");
+            }
+        });
+    }
+    for s in cfg.sources.simulator.clone() {
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        source_stats.push((s.name.clone(), stats.clone()));
+        let sim = Simulator::new(s, stats);
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(sim.run(tx, tok));
+    }
+    {
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_secs(1));
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = iv.tick() => { let _ = tx.try_send(WriterMsg::Tick); }
+                    _ = tok.cancelled() => break,
+                }
+            }
+        });
+    }
+    drop(obs_tx);
+    sources.close();
+    sinks.close();
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        gateway = %cfg.gateway.id, db = %db.display(), devices = devices_at_start,
+        sources = source_stats.len(), sinks = cfg.sinks.http.len(), "hvac-edge running"
+    );
+    if let Some(r) = ready {
+        let _ = r.send(Handles {
+            writer: writer_stats.clone(),
+            committed: committed_rx.clone(),
+            sources: source_stats,
+        });
+    }
+
+    let mut fatal: Option<anyhow::Error> = None;
+    let mut writer_result = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = &mut writer_done_rx => {
+            writer_result = Some(r);
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("Shutting down: stopping sources, flushing the writer");
+    sources_token.cancel();
+    sources.wait().await;
+    let writer_result = match writer_result {
+        Some(r) => r,
+        None => writer_done_rx.await,
+    };
+    match writer_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => fatal = Some(anyhow::Error::new(e).context("the writer failed")),
+        Err(_) => fatal = Some(anyhow::anyhow!("the writer thread ended unexpectedly")),
+    }
+    sinks_token.cancel();
+    let grace = Duration::from_secs(cfg.pipeline.shutdown_grace_secs);
+    if tokio::time::timeout(grace, sinks.wait()).await.is_err() {
+        tracing::error!(
+            grace_secs = grace.as_secs(),
+            "Sinks still delivering after the grace period; exiting anyway (committed events are safe and will be resent)"
+        );
+    }
+    tracing::info!(
+        events = writer_stats.events.load(Ordering::Relaxed),
+        "hvac-edge stopped"
+    );
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; logs SIGHUP (reload is not implemented yet).
+///
+/// # Errors
+/// When the signal handlers cannot be installed.
+pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); token.cancel(); break; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); token.cancel(); break; }
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply changes");
+                }
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! hvac-edge: thermostat state → change events → durable SQLite outbox → signed upstream delivery.
+//!
+//! # Layout
+//! Data flows one way: device → [`model::Observation`] → change events → outbox → each sink.
+//! - [`config`]: the TOML schema, defaults, validation naming the failing key.
+//! - [`model`]: canonical thermostat state, observations, changes, the event envelope.
+//! - [`diff`]: the pure diff engine (deadbands, minimum intervals, snapshots).
+//! - [`sources`]: MQTT (Zigbee2MQTT, generic JSON) and the simulator; they emit observations.
+//! - [`store`]: the SQLite file: migrations, the writer thread (group commit, acks after commit),
+//!   outbox reads, dead letters, garbage collection, the size cap.
+//! - [`sinks`]: the delivery loop, retry/ban decisions, Standard Webhooks signing, HTTP transport.
+//! - [`daemon`]: wiring, signals, systemd notify, shutdown order.
+//! - [`cli`]: technician commands; [`demo`] and [`receiver`]: the self-contained demo.
+//! - [`telemetry`], [`tls`]: logging, rate limits, the crypto provider.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod diff;
+pub mod model;
+pub mod receiver;
+pub mod sinks;
+pub mod sources;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,103 @@
+//! The `hvac-edge` binary: parse arguments, start logging, dispatch, map errors to exit codes.
+
+use clap::Parser;
+use hvac_edge::cli::{self, Cli, Command, QueueCommand};
+use hvac_edge::{config, daemon, demo, telemetry};
+use tokio_util::sync::CancellationToken;
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::CheckConfig { config } => cli::check_config::run(&config),
+        Command::Queue { command } => {
+            let res = match command {
+                QueueCommand::Stats { db, json } => {
+                    db.path().and_then(|p| cli::queue::stats(&p, json))
+                }
+                QueueCommand::DeadLetters {
+                    db,
+                    sink,
+                    limit,
+                    json,
+                } => db
+                    .path()
+                    .and_then(|p| cli::queue::dead_letters(&p, sink.as_deref(), limit, json)),
+            };
+            report(res)
+        }
+        Command::Run { config } => run_daemon(&config),
+        Command::Demo {
+            duration_secs,
+            outage_at_secs,
+            outage_secs,
+            quiet,
+        } => {
+            telemetry::init("warn", config::LogFormat::Plain);
+            let opts = demo::DemoOptions {
+                duration_secs,
+                outage_at_secs,
+                outage_secs,
+                verbose: !quiet,
+            };
+            match runtime().and_then(|rt| rt.block_on(demo::run(opts))) {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hvac-edge")
+        .build()?)
+}
+
+fn report(res: anyhow::Result<()>) -> i32 {
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run_daemon(path: &std::path::Path) -> i32 {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            telemetry::init("info", config::LogFormat::Plain);
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            return match e {
+                config::LoadError::Read { .. } => 1,
+                _ => cli::EXIT_CONFIG,
+            };
+        }
+    };
+    telemetry::init(&cfg.log.level, cfg.log.format);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return report(Err(e)),
+    };
+    let res = rt.block_on(async move {
+        let token = CancellationToken::new();
+        daemon::spawn_signal_handler(token.clone())?;
+        daemon::run(cfg, token, None).await
+    });
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

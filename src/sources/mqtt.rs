@@ -1,0 +1,375 @@
+//! The MQTT source: a persistent QoS 1 session on the gateway's broker, acks only after commit.
+//!
+//! rumqttc's contract: the connection progresses only while `EventLoop::poll` is called, so this
+//! loop never awaits anything but `poll` and the bounded hand-off to the writer. Acks are sent by
+//! the writer thread after the commit, through a cloned `AsyncClient` (never awaited here).
+//! Clean session off and a fixed client id: messages published while the daemon is down or not
+//! yet acked stay with the broker and come back. Subscriptions are made only when the broker has
+//! no session for us (`session_present = false`), so a reconnect does not replay retained state.
+//! Parsing lives in `payload.rs`; this file routes topics, enforces bounds and counts.
+
+use super::payload::{self, Mapping, Route};
+use super::{Ack, Backoff, Envelope, MqttReceipt, SharedStats, SourceStats};
+use crate::config::{MqttPreset, MqttSourceConfig};
+use crate::model::{Observation, Reported};
+use crate::store::writer::WriterMsg;
+use crate::telemetry::RateLimit;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// MQTT's largest packet: rumqttc must never drop the connection over size, or an oversized
+/// message would be redelivered forever; our own `max_payload_bytes` check acks and counts it.
+const PROTOCOL_MAX_PACKET: usize = 268_435_455;
+
+/// On shutdown, how long to wait for the writer to commit and ack what this source handed it.
+const ACK_DRAIN: Duration = Duration::from_secs(3);
+
+/// Why the source cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sources.mqtt {name}: {problem}")]
+    Config { name: String, problem: String },
+}
+
+enum Router {
+    Z2m {
+        base: String,
+    },
+    Generic {
+        filters: Vec<String>,
+        mapping: Box<Mapping>,
+    },
+}
+
+/// A configured MQTT source, ready to run.
+pub struct MqttSource {
+    cfg: MqttSourceConfig,
+    router: Router,
+    allow: HashSet<String>,
+    stats: SharedStats,
+    bad_log: RateLimit,
+    rt: tokio::runtime::Handle,
+}
+
+impl MqttSource {
+    /// Builds the source from its config (compiles the mapping, resolves the password).
+    ///
+    /// # Errors
+    /// A config problem naming the source.
+    pub fn new(cfg: MqttSourceConfig, stats: SharedStats) -> Result<MqttSource, Error> {
+        let router = match cfg.preset {
+            MqttPreset::Zigbee2mqtt => Router::Z2m {
+                base: cfg.base_topic.clone(),
+            },
+            MqttPreset::Generic => {
+                let spec = cfg
+                    .mapping
+                    .as_ref()
+                    .map(|m| m.spec())
+                    .ok_or_else(|| Error::Config {
+                        name: cfg.name.clone(),
+                        problem: "the generic preset needs a mapping".into(),
+                    })?;
+                let mapping = Mapping::compile(&spec).map_err(|errs| Error::Config {
+                    name: cfg.name.clone(),
+                    problem: errs
+                        .iter()
+                        .map(|(k, p)| format!("mapping.{k}: {p}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                })?;
+                Router::Generic {
+                    filters: cfg.topics.clone(),
+                    mapping: Box::new(mapping),
+                }
+            }
+        };
+        Ok(MqttSource {
+            allow: cfg.devices.iter().cloned().collect(),
+            router,
+            cfg,
+            stats,
+            bad_log: RateLimit::new(Duration::from_secs(60)),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn options(&self) -> Result<MqttOptions, Error> {
+        let c = &self.cfg;
+        let mut o = MqttOptions::new(c.effective_client_id(), c.host.clone(), c.port);
+        o.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(c.keep_alive_secs))
+            .set_inflight(c.max_inflight)
+            .set_max_packet_size(PROTOCOL_MAX_PACKET, 64 * 1024);
+        if let Some(user) = &c.username {
+            let password = match (&c.password_file, &c.password_env) {
+                (Some(f), _) => crate::config::read_secret_file(f),
+                (None, Some(e)) => crate::config::read_secret_env(e),
+                (None, None) => Ok(String::new()),
+            }
+            .map_err(|problem| Error::Config {
+                name: c.name.clone(),
+                problem,
+            })?;
+            o.set_credentials(user.clone(), password);
+        }
+        Ok(o)
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        match &self.router {
+            Router::Z2m { base } => vec![format!("{base}/#")],
+            Router::Generic { filters, mapping } => {
+                let mut v = filters.clone();
+                if let Some(a) = mapping.availability_filter() {
+                    v.push(a);
+                }
+                v
+            }
+        }
+    }
+
+    /// Polls the broker until `shutdown`; hands observations to the writer.
+    ///
+    /// # Errors
+    /// Only configuration problems found at start; network trouble is retried forever.
+    pub async fn run(
+        self,
+        obs_tx: mpsc::Sender<WriterMsg>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let opts = self.options()?;
+        let name = self.cfg.name.clone();
+        // Big enough that try_ack from the writer never finds it full (acks ≤ broker in-flight window).
+        let cap = usize::from(self.cfg.max_inflight) * 2 + 64;
+        let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(opts, cap);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.cfg.reconnect_min_ms),
+            Duration::from_millis(self.cfg.reconnect_max_ms),
+        );
+        let mut connected = false;
+        let mut failing = false;
+        // Observations handed to the writer whose ack has not run yet.
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        loop {
+            let ev = tokio::select! {
+                ev = eventloop.poll() => ev,
+                _ = shutdown.cancelled() => break,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    SourceStats::inc(&self.stats.connects);
+                    connected = true;
+                    backoff.reset();
+                    if failing {
+                        tracing::info!(source = %name, host = %self.cfg.host, port = self.cfg.port, "Broker connection restored");
+                    } else {
+                        tracing::info!(source = %name, host = %self.cfg.host, port = self.cfg.port, session_present = ack.session_present, "Connected to broker");
+                    }
+                    failing = false;
+                    if !ack.session_present {
+                        for t in self.subscriptions() {
+                            if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(source = %name, topic = %t, error = %e, "Cannot queue subscription");
+                            }
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(env) = self.handle(&client, p, &in_flight) {
+                        // The only await besides poll(): backpressure from the writer.
+                        if obs_tx.send(WriterMsg::Observe(env)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    tracing::debug!(source = %name, codes = ?s.return_codes, "Subscribed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected || !failing {
+                        tracing::warn!(source = %name, host = %self.cfg.host, port = self.cfg.port, error = %e,
+                            "Broker connection lost or refused; reconnecting with backoff (unacked messages stay with the broker)");
+                    }
+                    connected = false;
+                    failing = true;
+                    let wait = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        // Let the writer commit what we handed it and send those acks before disconnecting, so a
+        // clean stop causes no redelivery. New publishes are not taken (the broker keeps them).
+        if connected {
+            let drained = tokio::time::timeout(ACK_DRAIN, async {
+                while in_flight.load(Ordering::Acquire) > 0 {
+                    if let Ok(Err(_)) =
+                        tokio::time::timeout(Duration::from_millis(20), eventloop.poll()).await
+                    {
+                        break;
+                    }
+                }
+                // One more round so the last queued PUBACKs reach the socket.
+                let _ = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await;
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(source = %name, unacked = in_flight.load(Ordering::Acquire),
+                    "Stopping with messages not yet acked; the broker will redeliver them (duplicates are filtered)");
+            }
+        }
+        // Clean DISCONNECT, bounded: unacked messages stay with the broker for the next start.
+        if connected && client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Ok(ev) = eventloop.poll().await {
+                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        tracing::info!(source = %name, "MQTT source stopped");
+        Ok(())
+    }
+
+    /// Turns one publish into an envelope, or acks and counts it when it carries nothing for us.
+    fn handle(
+        &self,
+        client: &AsyncClient,
+        p: Publish,
+        in_flight: &Arc<AtomicUsize>,
+    ) -> Option<Envelope> {
+        SourceStats::inc(&self.stats.received);
+        let ack = self.ack_for(client, &p, in_flight);
+        let topic = p.topic.as_str();
+        if p.payload.len() > self.cfg.max_payload_bytes {
+            self.bad(
+                topic,
+                topic,
+                &format!(
+                    "payload of {} bytes exceeds max_payload_bytes ({})",
+                    p.payload.len(),
+                    self.cfg.max_payload_bytes
+                ),
+            );
+            ack.run();
+            return None;
+        }
+        let parsed: Result<Option<(String, Reported)>, (String, payload::PayloadError)> =
+            match &self.router {
+                Router::Z2m { base } => match payload::z2m_route(base, topic) {
+                    Route::Ignore => Ok(None),
+                    Route::State(dev) => payload::z2m_state(&p.payload)
+                        .map(|r| Some((dev.clone(), r)))
+                        .map_err(|e| (dev, e)),
+                    Route::Availability(dev) => payload::availability(&p.payload)
+                        .map(|c| {
+                            c.map(|c| {
+                                (
+                                    dev.clone(),
+                                    Reported {
+                                        connectivity: Some(c),
+                                        ..Default::default()
+                                    },
+                                )
+                            })
+                        })
+                        .map_err(|e| (dev, e)),
+                },
+                Router::Generic { filters, mapping } => {
+                    if let Some(dev) = mapping.availability_device(topic) {
+                        payload::availability(&p.payload)
+                            .map(|c| {
+                                c.map(|c| {
+                                    (
+                                        dev.clone(),
+                                        Reported {
+                                            connectivity: Some(c),
+                                            ..Default::default()
+                                        },
+                                    )
+                                })
+                            })
+                            .map_err(|e| (dev, e))
+                    } else if filters.iter().any(|f| payload::topic_matches(f, topic)) {
+                        mapping
+                            .map(topic, &p.payload)
+                            .map(Some)
+                            .map_err(|e| (topic.to_string(), e))
+                    } else {
+                        Ok(None)
+                    }
+                }
+            };
+        match parsed {
+            Ok(Some((device, reported)))
+                if self.allow.is_empty() || self.allow.contains(&device) =>
+            {
+                SourceStats::inc(&self.stats.observations);
+                let receipt = MqttReceipt {
+                    pkid: p.pkid,
+                    digest: super::digest(topic, &p.payload),
+                    dup: p.dup,
+                };
+                Some(Envelope {
+                    obs: Observation {
+                        device,
+                        source: self.cfg.name.clone(),
+                        observed_at: crate::telemetry::now_ms(),
+                        reported,
+                    },
+                    ack: Some(ack),
+                    receipt: Some(receipt),
+                })
+            }
+            Ok(_) => {
+                SourceStats::inc(&self.stats.ignored);
+                ack.run();
+                None
+            }
+            Err((device, e)) => {
+                self.bad(&device, topic, &e.to_string());
+                ack.run();
+                None
+            }
+        }
+    }
+
+    fn bad(&self, device: &str, topic: &str, problem: &str) {
+        SourceStats::inc(&self.stats.malformed);
+        if let Some(suppressed) = self.bad_log.check(device) {
+            tracing::warn!(source = %self.cfg.name, device = %device, topic = %topic, error = %problem, suppressed,
+                "Dropped a message that does not map to thermostat state (acked, counted)");
+        }
+    }
+
+    /// The ack for `p`: a PUBACK queued on rumqttc's request channel (sized so it is not full;
+    /// if it ever is, the ack is sent from a task instead of being lost).
+    fn ack_for(&self, client: &AsyncClient, p: &Publish, in_flight: &Arc<AtomicUsize>) -> Ack {
+        let mut a = Publish::new("", p.qos, Vec::<u8>::new());
+        a.pkid = p.pkid;
+        let client = client.clone();
+        let rt = self.rt.clone();
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = in_flight.clone();
+        Ack::new(move || {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            if client.try_ack(&a).is_err() {
+                rt.spawn(async move {
+                    let _ = client.ack(&a).await;
+                });
+            }
+        })
+    }
+}

@@ -1,0 +1,372 @@
+//! Reads and outcome records for sinks and the CLI: batches at a cursor, sink progress, dead
+//! letters, queue statistics.
+//!
+//! A sink owns its `sinks` row and its `dead_letters`; it never writes `events` or `devices`.
+//! Dead-lettering a batch and moving the cursor past it happen in one transaction, so an event is
+//! never both skipped and unrecorded.
+
+use super::{Error, ctx, meta_get};
+use crate::config::StartFrom;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use std::path::Path;
+
+/// One committed event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub pos: i64,
+    pub id: String,
+    pub device: String,
+    pub seq: i64,
+    pub kind: String,
+    pub observed_at: i64,
+    /// The event envelope, JSON.
+    pub payload: String,
+}
+
+/// Delivery status of a sink.
+pub const STATUS_ACTIVE: &str = "ACTIVE";
+
+/// A sink's persisted progress and status (mirrors its `sinks` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SinkRow {
+    pub name: String,
+    pub kind: String,
+    /// `pos` of the last event this sink is done with (delivered or dead-lettered).
+    pub cursor: i64,
+    pub status: String,
+    pub consecutive_failures: i64,
+    pub attempts: i64,
+    pub delivered: i64,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_status: Option<i64>,
+    pub last_success_at: Option<i64>,
+}
+
+fn row_to_sink(r: &rusqlite::Row<'_>) -> rusqlite::Result<SinkRow> {
+    Ok(SinkRow {
+        name: r.get(0)?,
+        kind: r.get(1)?,
+        cursor: r.get(2)?,
+        status: r.get(3)?,
+        consecutive_failures: r.get(4)?,
+        attempts: r.get(5)?,
+        delivered: r.get(6)?,
+        next_attempt_at: r.get(7)?,
+        last_error: r.get(8)?,
+        last_status: r.get(9)?,
+        last_success_at: r.get(10)?,
+    })
+}
+
+const SINK_COLUMNS: &str = "name, kind, cursor, status, consecutive_failures, attempts, delivered, next_attempt_at, last_error, last_status, last_success_at";
+
+/// Returns the sink's row, creating it (at the oldest event or at `now`) if it is new.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn ensure_sink(
+    conn: &Connection,
+    path: &Path,
+    name: &str,
+    kind: &str,
+    from: StartFrom,
+    now: i64,
+) -> Result<SinkRow, Error> {
+    let c = ctx(path);
+    let start = match from {
+        StartFrom::Oldest => 0,
+        StartFrom::Now => conn
+            .query_row("SELECT COALESCE(MAX(pos), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(&c)?,
+    };
+    conn.execute(
+        "INSERT INTO sinks (name, kind, cursor, updated_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
+        params![name, kind, start, now],
+    )
+    .map_err(&c)?;
+    conn.query_row(
+        &format!("SELECT {SINK_COLUMNS} FROM sinks WHERE name = ?1"),
+        [name],
+        row_to_sink,
+    )
+    .map_err(&c)
+}
+
+/// Reads up to `max_events` events after `cursor`, stopping before `max_bytes` of payload
+/// (always at least one event).
+///
+/// # Errors
+/// A store error naming the file.
+pub fn read_batch(
+    conn: &Connection,
+    path: &Path,
+    cursor: i64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare_cached("SELECT pos, id, device, seq, type, observed_at, payload FROM events WHERE pos > ?1 ORDER BY pos LIMIT ?2")
+        .map_err(&c)?;
+    let mut rows = st.query(params![cursor, max_events as i64]).map_err(&c)?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next().map_err(&c)? {
+        let payload: String = r.get(6).map_err(&c)?;
+        if !out.is_empty() && bytes + payload.len() + 1 > max_bytes {
+            break;
+        }
+        bytes += payload.len() + 1;
+        out.push(StoredEvent {
+            pos: r.get(0).map_err(&c)?,
+            id: r.get(1).map_err(&c)?,
+            device: r.get(2).map_err(&c)?,
+            seq: r.get(3).map_err(&c)?,
+            kind: r.get(4).map_err(&c)?,
+            observed_at: r.get(5).map_err(&c)?,
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+/// Persists a sink's in-memory progress and status.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn save_sink(conn: &Connection, path: &Path, s: &SinkRow, now: i64) -> Result<(), Error> {
+    conn.execute(
+        "UPDATE sinks SET cursor = ?2, status = ?3, consecutive_failures = ?4, attempts = ?5, delivered = ?6,
+           next_attempt_at = ?7, last_error = ?8, last_status = ?9, last_success_at = ?10, updated_at = ?11
+         WHERE name = ?1",
+        params![
+            s.name,
+            s.cursor,
+            s.status,
+            s.consecutive_failures,
+            s.attempts,
+            s.delivered,
+            s.next_attempt_at,
+            s.last_error,
+            s.last_status,
+            s.last_success_at,
+            now
+        ],
+    )
+    .map_err(ctx(path))?;
+    Ok(())
+}
+
+/// Why an event became a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadReason<'a> {
+    /// `rejected` (permanent HTTP error) or `expired` (TTL).
+    pub reason: &'a str,
+    pub http_status: Option<u16>,
+    pub snippet: Option<&'a str>,
+}
+
+/// Records `events` as dead letters of the sink and saves the sink row (whose cursor the caller
+/// already moved past them), in one transaction.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn dead_letter(
+    conn: &mut Connection,
+    path: &Path,
+    sink: &SinkRow,
+    events: &[StoredEvent],
+    why: &DeadReason<'_>,
+    now: i64,
+) -> Result<(), Error> {
+    let c = ctx(path);
+    let tx = conn.transaction().map_err(&c)?;
+    {
+        let mut ins = tx
+            .prepare_cached(
+                "INSERT INTO dead_letters (sink, event_pos, event_id, device, seq, type, payload, reason, http_status, response_snippet, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .map_err(&c)?;
+        for e in events {
+            ins.execute(params![
+                sink.name,
+                e.pos,
+                e.id,
+                e.device,
+                e.seq,
+                e.kind,
+                e.payload,
+                why.reason,
+                why.http_status,
+                why.snippet,
+                now
+            ])
+            .map_err(&c)?;
+        }
+    }
+    save_sink(&tx, path, sink, now)?;
+    tx.commit().map_err(&c)?;
+    Ok(())
+}
+
+/// Per-sink queue figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkQueue {
+    #[serde(flatten)]
+    pub row: SinkRow,
+    /// Events after the cursor.
+    pub pending: i64,
+    /// Age of the oldest pending event, ms (by its observation time).
+    pub oldest_pending_age_ms: Option<i64>,
+    pub dead_letters: i64,
+}
+
+/// What `hvac-edge queue stats` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    pub sinks: Vec<SinkQueue>,
+    pub events_stored: i64,
+    pub last_pos: i64,
+    pub devices: i64,
+    pub evicted_events: i64,
+    /// Main file + WAL, bytes.
+    pub db_file_bytes: u64,
+    pub wal_bytes: u64,
+}
+
+/// Computes queue statistics (read-only; safe while the daemon runs).
+///
+/// # Errors
+/// A store error naming the file.
+pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStats, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare(&format!("SELECT {SINK_COLUMNS} FROM sinks ORDER BY name"))
+        .map_err(&c)?;
+    let rows: Vec<SinkRow> = st
+        .query_map([], row_to_sink)
+        .map_err(&c)?
+        .collect::<Result<_, _>>()
+        .map_err(&c)?;
+    let mut sinks = Vec::new();
+    for row in rows {
+        let (pending, oldest): (i64, Option<i64>) = conn
+            .query_row(
+                "SELECT COUNT(*), MIN(observed_at) FROM events WHERE pos > ?1",
+                [row.cursor],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(&c)?;
+        let dead: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM dead_letters WHERE sink = ?1",
+                [&row.name],
+                |r| r.get(0),
+            )
+            .map_err(&c)?;
+        sinks.push(SinkQueue {
+            row,
+            pending,
+            oldest_pending_age_ms: oldest.map(|o| (now - o).max(0)),
+            dead_letters: dead,
+        });
+    }
+    let (events_stored, last_pos): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), COALESCE(MAX(pos), 0) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(&c)?;
+    let devices: i64 = conn
+        .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
+        .map_err(&c)?;
+    let last_pos = last_pos.max(meta_get(conn, "last_pos").map_err(&c)?);
+    let evicted_events = meta_get(conn, "evicted_events").map_err(&c)?;
+    let db_file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal_bytes = std::fs::metadata(std::path::PathBuf::from(wal))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(QueueStats {
+        sinks,
+        events_stored,
+        last_pos,
+        devices,
+        evicted_events,
+        db_file_bytes,
+        wal_bytes,
+    })
+}
+
+/// Dead letters of one sink (or all), newest first, at most `limit`.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn dead_letters(
+    conn: &Connection,
+    path: &Path,
+    sink: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare(
+            "SELECT id, sink, event_id, device, seq, type, reason, http_status, response_snippet, at
+             FROM dead_letters WHERE (?1 IS NULL OR sink = ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(&c)?;
+    let rows = st
+        .query_map(params![sink, limit], |r| {
+            Ok(DeadLetter {
+                id: r.get(0)?,
+                sink: r.get(1)?,
+                event_id: r.get(2)?,
+                device: r.get(3)?,
+                seq: r.get(4)?,
+                kind: r.get(5)?,
+                reason: r.get(6)?,
+                http_status: r.get(7)?,
+                response_snippet: r.get(8)?,
+                at: r.get(9)?,
+            })
+        })
+        .map_err(&c)?;
+    rows.collect::<Result<_, _>>().map_err(&c)
+}
+
+/// One dead letter, as the CLI lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub sink: String,
+    pub event_id: String,
+    pub device: String,
+    pub seq: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub reason: String,
+    pub http_status: Option<i64>,
+    pub response_snippet: Option<String>,
+    pub at: i64,
+}
+
+/// The sink row by name, if any.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn sink_row(conn: &Connection, path: &Path, name: &str) -> Result<Option<SinkRow>, Error> {
+    conn.query_row(
+        &format!("SELECT {SINK_COLUMNS} FROM sinks WHERE name = ?1"),
+        [name],
+        row_to_sink,
+    )
+    .optional()
+    .map_err(ctx(path))
+}

@@ -1,0 +1,75 @@
+//! The append-only list of schema migrations; `PRAGMA user_version` counts how many ran.
+//!
+//! Rules (cargo's `util/sqlite.rs`): never edit, remove or reorder a released entry; only append.
+//! Each entry runs inside the one exclusive transaction that also bumps `user_version`.
+//!
+//! Tables (v1):
+//! - `devices`: the diff cache, checkpointed by the writer; `meta.checkpoint_pos` says up to which
+//!   event it is current (later events are replayed at start, see `writer.rs`).
+//! - `events`: the append-only outbox; `pos` is commit order and what sink cursors point at.
+//! - `sinks`: one row per sink: cursor and delivery status. Written only by that sink (and the CLI).
+//! - `dead_letters`: events a sink gave up on, with the reason; never deleted silently.
+//! - `mqtt_recent`: (pkid, digest) of recently committed MQTT messages, to drop stale redeliveries.
+//! - `meta`: counters and markers (`checkpoint_pos`, `evicted_events`).
+
+/// Migrations in order; index + 1 is the `user_version` after it ran.
+pub const MIGRATIONS: &[&str] = &[
+    // v1: initial schema.
+    r#"
+CREATE TABLE devices (
+    device TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    last_snapshot_at INTEGER NOT NULL,
+    changed_since_snapshot INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE events (
+    pos INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    observed_at INTEGER NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE TABLE sinks (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ACTIVE',
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_error TEXT,
+    last_status INTEGER,
+    last_success_at INTEGER,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    event_pos INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    http_status INTEGER,
+    response_snippet TEXT,
+    at INTEGER NOT NULL
+);
+CREATE INDEX dead_letters_by_sink ON dead_letters (sink, id);
+CREATE TABLE mqtt_recent (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    entries BLOB NOT NULL
+);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"#,
+];

@@ -1,0 +1,800 @@
+//! The writer: the only task that writes device state and events.
+//!
+//! Runs on its own OS thread with its own connection. Loop: wait for one message, gather more
+//! (group commit, bounded by `batch_max` and `commit_delay_ms`), diff each observation against
+//! the cached state, write every resulting event in ONE transaction, commit, THEN run the sources'
+//! acks, THEN publish the new commit mark to the sinks. A failed commit acks nothing.
+//!
+//! Device state is checkpointed to `devices` every `checkpoint_interval_secs` (not on every commit:
+//! flash wear); each event carries the full state after it, so at start the writer replays the
+//! events after `meta.checkpoint_pos` to rebuild the exact cache. On `Tick` it also emits due
+//! snapshots, collects garbage every sink has passed, enforces the size cap and vacuums.
+
+use super::{Error, ctx, meta_get, meta_set};
+use crate::diff::{DeviceRecord, DiffPolicy, diff, snapshot_due};
+use crate::model::{
+    Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
+};
+use crate::sources::{Ack, Envelope};
+use crate::telemetry::RateLimit;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// What the writer receives.
+#[derive(Debug)]
+pub enum WriterMsg {
+    /// An observation to diff and commit.
+    Observe(Envelope),
+    /// Periodic housekeeping (about once a second): snapshots, checkpoint, GC, cap, watchdog.
+    Tick,
+}
+
+/// Settings of the writer, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub gateway: String,
+    pub default_plant: Option<String>,
+    pub devices: HashMap<String, DeviceMeta>,
+    pub policy: DiffPolicy,
+    pub batch_max: usize,
+    pub commit_delay: Duration,
+    pub snapshot_interval_ms: i64,
+    pub checkpoint_interval: Duration,
+    /// Names of the configured sinks: events are collected once all of them passed.
+    pub sinks: Vec<String>,
+    /// 0 = no cap.
+    pub max_bytes: u64,
+    /// 0 = no cap.
+    pub max_events: u64,
+}
+
+/// Counters the writer publishes (for status lines and the CLI).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub observations: AtomicU64,
+    pub events: AtomicU64,
+    pub commits: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub evicted: AtomicU64,
+    /// Events stored right now.
+    pub stored: AtomicU64,
+}
+
+/// Most recent committed MQTT messages remembered per source for duplicate detection.
+const RECENT_MAX: usize = 4096;
+/// `mqtt_recent` rows kept (one per commit that carried MQTT messages).
+const RECENT_ROWS_KEEP: i64 = 1024;
+/// Events deleted per GC statement, to keep each housekeeping transaction short.
+const GC_CHUNK: i64 = 5000;
+
+#[derive(Debug, Default)]
+struct RecentSet {
+    order: VecDeque<(u16, u64)>,
+    set: HashSet<(u16, u64)>,
+}
+
+impl RecentSet {
+    fn insert(&mut self, k: (u16, u64)) {
+        if self.set.insert(k) {
+            self.order.push_back(k);
+            if self.order.len() > RECENT_MAX
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// The writer task's state. Build with [`Writer::open`], run with [`Writer::run`].
+pub struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    s: WriterSettings,
+    cache: HashMap<String, DeviceRecord>,
+    /// Devices changed since the last checkpoint.
+    dirty: HashSet<String>,
+    /// Which source first reported each device since start (run-time conflict detection).
+    owner: HashMap<String, String>,
+    last_seen: HashMap<String, UnixMs>,
+    recent: HashMap<String, RecentSet>,
+    last_pos: i64,
+    checkpoint_pos: i64,
+    last_checkpoint: Instant,
+    last_gc_bound: i64,
+    committed_tx: watch::Sender<i64>,
+    stats: Arc<WriterStats>,
+    conflict_log: RateLimit,
+    on_commit: Box<dyn FnMut(&WriterStats) + Send>,
+}
+
+impl Writer {
+    /// Loads the cache (devices + replay of events after the checkpoint) and the duplicate filter.
+    ///
+    /// # Errors
+    /// A store error naming the file.
+    pub fn open(
+        conn: Connection,
+        path: PathBuf,
+        s: WriterSettings,
+        committed_tx: watch::Sender<i64>,
+        stats: Arc<WriterStats>,
+    ) -> Result<Writer, Error> {
+        let path_for_errors = path.clone();
+        let c = ctx(&path_for_errors);
+        let mut cache = HashMap::new();
+        let mut last_seen = HashMap::new();
+        {
+            let mut st = conn
+                .prepare("SELECT device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen FROM devices")
+                .map_err(&c)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, bool>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                })
+                .map_err(&c)?;
+            for row in rows {
+                let (device, state, seq, snap, changed, seen) = row.map_err(&c)?;
+                let state: DeviceState = match serde_json::from_str(&state) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(device = %device, error = %e, "Stored device state is unreadable; starting it afresh");
+                        DeviceState::default()
+                    }
+                };
+                last_seen.insert(device.clone(), seen);
+                cache.insert(
+                    device,
+                    DeviceRecord {
+                        state,
+                        seq: seq as u64,
+                        last_snapshot_at: snap,
+                        changed_since_snapshot: changed,
+                    },
+                );
+            }
+        }
+        let checkpoint_pos = meta_get(&conn, "checkpoint_pos").map_err(&c)?;
+        let mut dirty = HashSet::new();
+        let mut replayed = 0u64;
+        {
+            let mut st = conn
+                .prepare("SELECT pos, type, observed_at, payload FROM events WHERE pos > ?1 ORDER BY pos")
+                .map_err(&c)?;
+            let mut rows = st.query([checkpoint_pos]).map_err(&c)?;
+            while let Some(r) = rows.next().map_err(&c)? {
+                let kind: String = r.get(1).map_err(&c)?;
+                let at: i64 = r.get(2).map_err(&c)?;
+                let payload: String = r.get(3).map_err(&c)?;
+                let ev: Event = match serde_json::from_str(&payload) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Stored event is unreadable during replay; skipping it");
+                        continue;
+                    }
+                };
+                let rec = cache.entry(ev.device.clone()).or_default();
+                rec.state = ev.state;
+                rec.seq = rec.seq.max(ev.seq);
+                let ck = if kind == "snapshot" {
+                    ChangeKind::Snapshot
+                } else {
+                    ChangeKind::Field(crate::model::Field::Mode)
+                };
+                rec.note_emitted(ck, at);
+                dirty.insert(ev.device);
+                replayed += 1;
+            }
+        }
+        let last_pos: i64 = conn
+            .query_row("SELECT COALESCE(MAX(pos), 0) FROM events", [], |r| r.get(0))
+            .map_err(&c)?;
+        let last_pos = last_pos.max(meta_get(&conn, "last_pos").map_err(&c)?);
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .map_err(&c)?;
+        stats.stored.store(stored as u64, Ordering::Relaxed);
+        stats.evicted.store(
+            meta_get(&conn, "evicted_events").map_err(&c)? as u64,
+            Ordering::Relaxed,
+        );
+        let mut recent: HashMap<String, RecentSet> = HashMap::new();
+        {
+            let mut st = conn
+                .prepare("SELECT source, entries FROM mqtt_recent ORDER BY id")
+                .map_err(&c)?;
+            let mut rows = st.query([]).map_err(&c)?;
+            while let Some(r) = rows.next().map_err(&c)? {
+                let source: String = r.get(0).map_err(&c)?;
+                let blob: Vec<u8> = r.get(1).map_err(&c)?;
+                let set = recent.entry(source).or_default();
+                for e in blob.chunks_exact(10) {
+                    let pkid = u16::from_be_bytes([e[0], e[1]]);
+                    let mut d = [0u8; 8];
+                    d.copy_from_slice(&e[2..10]);
+                    set.insert((pkid, u64::from_be_bytes(d)));
+                }
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(
+                replayed,
+                checkpoint_pos,
+                "Replayed events committed after the last device checkpoint"
+            );
+        }
+        committed_tx.send_replace(last_pos);
+        Ok(Writer {
+            conn,
+            path,
+            s,
+            cache,
+            dirty,
+            owner: HashMap::new(),
+            last_seen,
+            recent,
+            last_pos,
+            checkpoint_pos,
+            last_checkpoint: Instant::now(),
+            last_gc_bound: -1,
+            committed_tx,
+            stats,
+            conflict_log: RateLimit::new(Duration::from_secs(60)),
+            on_commit: Box::new(|_| {}),
+        })
+    }
+
+    /// Sets a hook run after each commit and tick (the daemon uses it for the systemd watchdog).
+    pub fn on_commit(&mut self, f: impl FnMut(&WriterStats) + Send + 'static) {
+        self.on_commit = Box::new(f);
+    }
+
+    /// Number of devices known (for status output).
+    pub fn device_count(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Runs until every sender of `rx` is dropped, then checkpoints and returns.
+    ///
+    /// Must run on a thread where blocking is allowed (it is given its own OS thread); `rt` is the
+    /// runtime whose timers bound the group-commit linger.
+    ///
+    /// # Errors
+    /// A store error when a commit keeps failing (after retries): the daemon must stop, the
+    /// uncommitted observations were not acked and will be redelivered where the source allows.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriterMsg>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<(), Error> {
+        let mut batch: Vec<Envelope> = Vec::with_capacity(self.s.batch_max);
+        loop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut tick = false;
+            match first {
+                WriterMsg::Tick => tick = true,
+                WriterMsg::Observe(e) => batch.push(e),
+            }
+            let deadline = Instant::now() + self.s.commit_delay;
+            while batch.len() < self.s.batch_max {
+                match rx.try_recv() {
+                    Ok(WriterMsg::Observe(e)) => batch.push(e),
+                    Ok(WriterMsg::Tick) => tick = true,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if batch.is_empty() || now >= deadline {
+                            break;
+                        }
+                        match rt.block_on(async {
+                            tokio::time::timeout(deadline - now, rx.recv()).await
+                        }) {
+                            Ok(Some(WriterMsg::Observe(e))) => batch.push(e),
+                            Ok(Some(WriterMsg::Tick)) => tick = true,
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_with_retry(&mut batch)?;
+            }
+            if tick {
+                self.housekeeping(crate::telemetry::now_ms())?;
+            }
+            (self.on_commit)(&self.stats);
+        }
+        self.checkpoint()?;
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        tracing::info!(last_pos = self.last_pos, "Writer flushed and stopped");
+        Ok(())
+    }
+
+    fn commit_with_retry(&mut self, batch: &mut Vec<Envelope>) -> Result<(), Error> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            match self.commit_batch(batch) {
+                Ok(acks) => {
+                    for a in acks {
+                        a.run();
+                    }
+                    batch.clear();
+                    self.committed_tx.send_replace(self.last_pos);
+                    return Ok(());
+                }
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "Commit failed; retrying");
+                    std::thread::sleep(delay);
+                    delay *= 4;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Commit keeps failing; stopping (nothing of this batch was acknowledged)");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Diffs and writes one batch in one transaction. On success returns the acks to run, in
+    /// arrival order, and updates the cache; on failure the cache is untouched.
+    fn commit_batch(&mut self, batch: &mut [Envelope]) -> Result<Vec<Ack>, Error> {
+        let c = ctx(&self.path);
+        let clock = clock_state();
+        let mut staged: HashMap<String, DeviceRecord> = HashMap::new();
+        let mut new_recent: HashMap<String, Vec<(u16, u64)>> = HashMap::new();
+        let mut seen: Vec<(String, UnixMs)> = Vec::new();
+        let mut events_added = 0u64;
+        let mut dups = 0u64;
+        let mut conflicts = 0u64;
+        let tx = self.conn.transaction().map_err(&c)?;
+        let mut pos = self.last_pos;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (pos, id, device, seq, type, observed_at, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(&c)?;
+            for env in batch.iter() {
+                let obs = &env.obs;
+                if let Some(r) = env.receipt {
+                    let key = (r.pkid, r.digest);
+                    let already = self
+                        .recent
+                        .get(&obs.source)
+                        .is_some_and(|s| s.set.contains(&key))
+                        || new_recent
+                            .get(&obs.source)
+                            .is_some_and(|v| v.contains(&key));
+                    if r.dup && already {
+                        dups += 1;
+                        continue;
+                    }
+                    new_recent.entry(obs.source.clone()).or_default().push(key);
+                }
+                match self.owner.get(&obs.device) {
+                    Some(o) if *o != obs.source => {
+                        conflicts += 1;
+                        if let Some(suppressed) = self.conflict_log.check(&obs.device) {
+                            tracing::warn!(device = %obs.device, source = %obs.source, owner = %o, suppressed,
+                                "Device id reported by two sources; keeping the first, dropping this observation");
+                        }
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.owner.insert(obs.device.clone(), obs.source.clone());
+                    }
+                }
+                seen.push((obs.device.clone(), obs.observed_at));
+                let prev = staged
+                    .get(&obs.device)
+                    .or_else(|| self.cache.get(&obs.device));
+                let (next, changes) = diff(
+                    prev.map(|r| &r.state),
+                    &obs.reported,
+                    &self.s.policy,
+                    obs.observed_at,
+                );
+                if changes.is_empty() {
+                    continue;
+                }
+                let mut rec = prev.cloned().unwrap_or_default();
+                rec.state = next;
+                for ch in changes {
+                    pos += 1;
+                    rec.seq += 1;
+                    rec.note_emitted(ch.kind, obs.observed_at);
+                    let payload = envelope(
+                        &self.s,
+                        &self.path,
+                        &obs.device,
+                        &rec,
+                        &ch,
+                        obs.observed_at,
+                        clock,
+                    )?;
+                    insert
+                        .execute(params![
+                            pos,
+                            payload.0,
+                            obs.device,
+                            rec.seq as i64,
+                            ch.kind.as_str(),
+                            obs.observed_at,
+                            payload.1
+                        ])
+                        .map_err(&c)?;
+                    events_added += 1;
+                }
+                staged.insert(obs.device.clone(), rec);
+            }
+        }
+        for (source, entries) in &new_recent {
+            let mut blob = Vec::with_capacity(entries.len() * 10);
+            for (pkid, d) in entries {
+                blob.extend_from_slice(&pkid.to_be_bytes());
+                blob.extend_from_slice(&d.to_be_bytes());
+            }
+            tx.execute(
+                "INSERT INTO mqtt_recent (source, entries) VALUES (?1, ?2)",
+                params![source, blob],
+            )
+            .map_err(&c)?;
+        }
+        tx.commit().map_err(&c)?;
+        // Committed: now, and only now, the cache moves forward and the sources are acked.
+        self.last_pos = pos;
+        for (device, rec) in staged {
+            self.dirty.insert(device.clone());
+            self.cache.insert(device, rec);
+        }
+        for (device, at) in seen {
+            self.last_seen.insert(device, at);
+        }
+        for (source, entries) in new_recent {
+            let set = self.recent.entry(source).or_default();
+            for k in entries {
+                set.insert(k);
+            }
+        }
+        let st = &self.stats;
+        st.observations
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        st.events.fetch_add(events_added, Ordering::Relaxed);
+        st.stored.fetch_add(events_added, Ordering::Relaxed);
+        st.commits.fetch_add(1, Ordering::Relaxed);
+        st.duplicates_dropped.fetch_add(dups, Ordering::Relaxed);
+        st.conflicts.fetch_add(conflicts, Ordering::Relaxed);
+        Ok(batch.iter_mut().filter_map(|e| e.ack.take()).collect())
+    }
+
+    /// Snapshots, checkpoint, GC, cap and vacuum; each step bounded.
+    fn housekeeping(&mut self, now: UnixMs) -> Result<(), Error> {
+        self.emit_due_snapshots(now)?;
+        if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.s.checkpoint_interval {
+            self.checkpoint()?;
+        }
+        self.collect_garbage()?;
+        self.enforce_cap()?;
+        let c = ctx(&self.path);
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .map_err(&c)?;
+        if free > 256 {
+            self.conn
+                .execute_batch("PRAGMA incremental_vacuum(2048);")
+                .map_err(&c)?;
+        }
+        let rows: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM mqtt_recent", [], |r| {
+                r.get(0)
+            })
+            .map_err(&c)?;
+        if rows > 2 * RECENT_ROWS_KEEP {
+            self.conn
+                .execute(
+                    "DELETE FROM mqtt_recent WHERE id <= ?1",
+                    [rows - RECENT_ROWS_KEEP],
+                )
+                .map_err(&c)?;
+        }
+        Ok(())
+    }
+
+    fn emit_due_snapshots(&mut self, now: UnixMs) -> Result<(), Error> {
+        let due: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(_, r)| snapshot_due(r, now, self.s.snapshot_interval_ms))
+            .map(|(d, _)| d.clone())
+            .take(self.s.batch_max)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let c = ctx(&self.path);
+        let clock = clock_state();
+        let tx = self.conn.transaction().map_err(&c)?;
+        let mut pos = self.last_pos;
+        let mut staged = Vec::new();
+        for device in &due {
+            let Some(mut rec) = self.cache.get(device).cloned() else {
+                continue;
+            };
+            let ch = Change {
+                kind: ChangeKind::Snapshot,
+                previous: serde_json::Value::Null,
+                current: serde_json::Value::Null,
+            };
+            pos += 1;
+            rec.seq += 1;
+            rec.note_emitted(ChangeKind::Snapshot, now);
+            let (id, payload) = envelope(&self.s, &self.path, device, &rec, &ch, now, clock)?;
+            tx.execute(
+                "INSERT INTO events (pos, id, device, seq, type, observed_at, payload) VALUES (?1, ?2, ?3, ?4, 'snapshot', ?5, ?6)",
+                params![pos, id, device, rec.seq as i64, now, payload],
+            )
+            .map_err(&c)?;
+            staged.push((device.clone(), rec));
+        }
+        tx.commit().map_err(&c)?;
+        self.last_pos = pos;
+        let n = staged.len() as u64;
+        for (d, r) in staged {
+            self.dirty.insert(d.clone());
+            self.cache.insert(d, r);
+        }
+        self.stats.events.fetch_add(n, Ordering::Relaxed);
+        self.stats.stored.fetch_add(n, Ordering::Relaxed);
+        self.committed_tx.send_replace(self.last_pos);
+        tracing::debug!(count = n, "Emitted periodic snapshots");
+        Ok(())
+    }
+
+    /// Writes the dirty part of the cache to `devices` and moves `checkpoint_pos` to `last_pos`.
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        if self.dirty.is_empty() && self.checkpoint_pos == self.last_pos {
+            return Ok(());
+        }
+        let c = ctx(&self.path);
+        let tx = self.conn.transaction().map_err(&c)?;
+        {
+            let mut up = tx
+                .prepare_cached(
+                    "INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(device) DO UPDATE SET state = excluded.state, seq = excluded.seq,
+                       last_snapshot_at = excluded.last_snapshot_at,
+                       changed_since_snapshot = excluded.changed_since_snapshot, last_seen = excluded.last_seen",
+                )
+                .map_err(&c)?;
+            for d in &self.dirty {
+                let Some(rec) = self.cache.get(d) else {
+                    continue;
+                };
+                let state = serde_json::to_string(&rec.state).map_err(|e| Error::Sqlite {
+                    path: self.path.clone(),
+                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                })?;
+                let seen = self.last_seen.get(d).copied().unwrap_or(0);
+                up.execute(params![
+                    d,
+                    state,
+                    rec.seq as i64,
+                    rec.last_snapshot_at,
+                    rec.changed_since_snapshot,
+                    seen
+                ])
+                .map_err(&c)?;
+            }
+        }
+        meta_set(&tx, "checkpoint_pos", self.last_pos).map_err(&c)?;
+        meta_set(&tx, "last_pos", self.last_pos).map_err(&c)?;
+        tx.commit().map_err(&c)?;
+        self.dirty.clear();
+        self.checkpoint_pos = self.last_pos;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Deletes events every configured sink has passed (and the checkpoint covers), never the newest.
+    fn collect_garbage(&mut self) -> Result<(), Error> {
+        let c = ctx(&self.path);
+        let mut bound = self.checkpoint_pos.min(self.last_pos - 1);
+        for name in &self.s.sinks {
+            let cursor: Option<i64> = self
+                .conn
+                .query_row("SELECT cursor FROM sinks WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(&c)?;
+            match cursor {
+                Some(cur) => bound = bound.min(cur),
+                None => return Ok(()),
+            }
+        }
+        if bound <= self.last_gc_bound {
+            return Ok(());
+        }
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos <= ?1 ORDER BY pos LIMIT ?2)",
+                params![bound, GC_CHUNK],
+            )
+            .map_err(&c)?;
+        self.stats.stored.fetch_sub(
+            (n as u64).min(self.stats.stored.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        if (n as i64) < GC_CHUNK {
+            self.last_gc_bound = bound;
+        }
+        Ok(())
+    }
+
+    fn db_bytes(&self) -> Result<u64, Error> {
+        let c = ctx(&self.path);
+        let (pages, free, size): (i64, i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count), (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_size FROM pragma_page_size)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(&c)?;
+        Ok(((pages - free).max(0) * size) as u64)
+    }
+
+    /// Enforces `max_bytes` / `max_events`: superseded measurements first, then the oldest events.
+    fn enforce_cap(&mut self) -> Result<(), Error> {
+        let path = self.path.clone();
+        let c = ctx(&path);
+        let stored = self.stats.stored.load(Ordering::Relaxed) as i64;
+        let over_events = self.s.max_events > 0 && stored > self.s.max_events as i64;
+        let over_bytes = self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes;
+        if !over_events && !over_bytes {
+            return Ok(());
+        }
+        // Evict a little more than strictly needed (5 %) so the cap is not hit on every tick.
+        let mut need = 0i64;
+        if over_events {
+            need = stored - self.s.max_events as i64 + (self.s.max_events as i64 / 20);
+        }
+        if over_bytes {
+            need = need.max((stored / 20).max(100));
+        }
+        // Superseded measurements: a newer event of the same device and type exists. The device's
+        // newest event is never among them, so replay after a crash still sees the latest state.
+        let superseded = self
+            .conn
+            .execute(
+                "DELETE FROM events WHERE pos IN (
+                   SELECT pos FROM (
+                     SELECT pos, row_number() OVER (PARTITION BY device, type ORDER BY pos DESC) AS rn
+                     FROM events WHERE type IN ('temperature', 'humidity')
+                   ) WHERE rn > 1 ORDER BY pos LIMIT ?1)",
+                [need],
+            )
+            .map_err(&c)? as i64;
+        self.stats
+            .stored
+            .fetch_sub((superseded as u64).min(stored as u64), Ordering::Relaxed);
+        let still_over = (self.s.max_events > 0
+            && self.stats.stored.load(Ordering::Relaxed) > self.s.max_events)
+            || (self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes);
+        let mut oldest = 0i64;
+        if still_over && superseded < need {
+            // What is left to evict is real data loss for some receiver: checkpoint first so the
+            // device cache no longer needs these events, then drop the oldest (never the newest).
+            self.checkpoint()?;
+            oldest = self
+                .conn
+                .execute(
+                    "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)",
+                    params![self.last_pos, need - superseded],
+                )
+                .map_err(&c)? as i64;
+            let left = self.stats.stored.load(Ordering::Relaxed);
+            self.stats
+                .stored
+                .store(left.saturating_sub(oldest as u64), Ordering::Relaxed);
+        }
+        let n = superseded + oldest;
+        if n > 0 {
+            let total = meta_get(&self.conn, "evicted_events").map_err(&c)? + n;
+            meta_set(&self.conn, "evicted_events", total).map_err(&c)?;
+            self.stats.evicted.store(total as u64, Ordering::Relaxed);
+            self.conn
+                .execute_batch("PRAGMA incremental_vacuum;")
+                .map_err(&c)?;
+            if oldest > 0 {
+                tracing::error!(
+                    superseded,
+                    oldest,
+                    total_evicted = total,
+                    "Store cap reached: evicted undelivered events (data loss for lagging sinks)"
+                );
+            } else {
+                tracing::warn!(
+                    superseded,
+                    total_evicted = total,
+                    "Store cap reached: evicted superseded measurement events"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds `(id, payload JSON)` of one event.
+fn envelope(
+    s: &WriterSettings,
+    path: &std::path::Path,
+    device: &str,
+    rec: &DeviceRecord,
+    ch: &Change,
+    at: UnixMs,
+    clock: ClockState,
+) -> Result<(String, String), Error> {
+    let meta = s.devices.get(device);
+    let ev = Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        seq: rec.seq,
+        kind: ch.kind.as_str().to_string(),
+        gateway: s.gateway.clone(),
+        plant: meta
+            .and_then(|m| m.plant.clone())
+            .or_else(|| s.default_plant.clone()),
+        device: device.to_string(),
+        module: meta.and_then(|m| m.module.clone()),
+        observed_at: format_rfc3339_ms(at),
+        clock,
+        previous: ch.previous.clone(),
+        current: ch.current.clone(),
+        state: rec.state.clone(),
+    };
+    let payload = serde_json::to_string(&ev).map_err(|e| Error::Sqlite {
+        path: path.to_path_buf(),
+        source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+    })?;
+    Ok((ev.id, payload))
+}
+
+/// Whether the kernel considers the clock synchronised (NTP), via `adjtimex`; a clock before
+/// 2024 is unsynced whatever the kernel says (a gateway without RTC boots in 1970).
+pub fn clock_state() -> ClockState {
+    if crate::telemetry::now_ms() < 1_704_067_200_000 {
+        return ClockState::Unsynced;
+    }
+    // SAFETY: adjtimex with modes = 0 only reads the kernel's clock state into the zeroed struct.
+    let state = unsafe {
+        let mut tx: libc::timex = std::mem::zeroed();
+        libc::adjtimex(&mut tx)
+    };
+    if state == libc::TIME_ERROR {
+        ClockState::Unsynced
+    } else {
+        ClockState::Synced
+    }
+}

@@ -1,0 +1,490 @@
+//! Store tests on real SQLite files: the writer's commit/ack order, restart replay, the duplicate
+//! filter, garbage collection, the size cap, and the outbox reads sinks use.
+
+use super::outbox;
+use super::writer::{Writer, WriterMsg, WriterSettings, WriterStats};
+use super::{Mode, Options, open};
+use crate::config::StartFrom;
+use crate::diff::DiffPolicy;
+use crate::model::{Event, Fixed, Mode as TMode, Observation, Reported, TempUnit, Temperature};
+use crate::sources::{Ack, Envelope, MqttReceipt};
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+fn settings(sinks: &[&str]) -> WriterSettings {
+    WriterSettings {
+        gateway: "gw-t".into(),
+        default_plant: Some("plant-1".into()),
+        devices: Default::default(),
+        policy: DiffPolicy::default(),
+        batch_max: 64,
+        commit_delay: Duration::ZERO,
+        snapshot_interval_ms: 900_000,
+        checkpoint_interval: Duration::from_secs(3600),
+        sinks: sinks.iter().map(|s| s.to_string()).collect(),
+        max_bytes: 0,
+        max_events: 0,
+    }
+}
+
+/// Observation times are relative to a minute ago, so periodic snapshots are not due.
+fn base() -> i64 {
+    crate::telemetry::now_ms() - 60_000
+}
+
+fn obs(device: &str, setpoint: i64, at: i64) -> Observation {
+    Observation {
+        device: device.into(),
+        source: "src".into(),
+        observed_at: base() + at,
+        reported: Reported {
+            mode: Some(TMode::Manual),
+            setpoint: Some(Temperature {
+                value: Fixed(setpoint),
+                unit: TempUnit::C,
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+fn temp_obs(device: &str, temp: i64, at: i64) -> Observation {
+    Observation {
+        device: device.into(),
+        source: "src".into(),
+        observed_at: base() + at,
+        reported: Reported {
+            temperature: Some(Temperature {
+                value: Fixed(temp),
+                unit: TempUnit::C,
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+/// Runs a writer on its own thread for the duration of `f`, like the daemon does.
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    tx: Option<mpsc::Sender<WriterMsg>>,
+    thread: Option<std::thread::JoinHandle<Result<(), super::Error>>>,
+    stats: Arc<WriterStats>,
+}
+
+impl Harness {
+    fn start(path: &Path, s: WriterSettings) -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let conn = open(path, Mode::ReadWrite, &Options::default()).unwrap();
+        let (ctx, _crx) = watch::channel(0);
+        let stats = Arc::new(WriterStats::default());
+        let w = Writer::open(conn, path.to_path_buf(), s, ctx, stats.clone()).unwrap();
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = rt.handle().clone();
+        let thread = std::thread::spawn(move || w.run(rx, handle));
+        Harness {
+            rt,
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        }
+    }
+
+    fn send(&self, e: Envelope) {
+        self.tx
+            .as_ref()
+            .unwrap()
+            .blocking_send(WriterMsg::Observe(e))
+            .unwrap();
+    }
+
+    fn tick(&self) {
+        self.tx
+            .as_ref()
+            .unwrap()
+            .blocking_send(WriterMsg::Tick)
+            .unwrap();
+    }
+
+    fn wait_events(&self, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.stats.events.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {n} events"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(mut self) {
+        drop(self.tx.take());
+        self.thread.take().unwrap().join().unwrap().unwrap();
+        drop(self.rt);
+    }
+}
+
+fn plain(o: Observation) -> Envelope {
+    Envelope {
+        obs: o,
+        ack: None,
+        receipt: None,
+    }
+}
+
+fn events(path: &Path) -> Vec<Event> {
+    let c = Connection::open(path).unwrap();
+    let mut st = c
+        .prepare("SELECT payload FROM events ORDER BY pos")
+        .unwrap();
+    st.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|p| serde_json::from_str(&p.unwrap()).unwrap())
+        .collect()
+}
+
+fn db() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("t.db");
+    (d, p)
+}
+
+#[test]
+fn writer_acks_only_after_the_events_are_committed() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    let seen_at_ack = Arc::new(Mutex::new(None));
+    let s2 = seen_at_ack.clone();
+    let p2 = path.clone();
+    let ack = Ack::new(move || {
+        // A second connection sees only committed data.
+        let c = Connection::open(&p2).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        *s2.lock().unwrap() = Some(n);
+    });
+    h.send(Envelope {
+        obs: obs("a", 2000, 1_000),
+        ack: Some(ack),
+        receipt: None,
+    });
+    h.wait_events(1);
+    h.stop();
+    assert_eq!(*seen_at_ack.lock().unwrap(), Some(1));
+}
+
+#[test]
+fn events_carry_gap_free_seq_unique_ids_and_the_full_state() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1_000)));
+    h.send(plain(obs("b", 1900, 1_001)));
+    h.send(plain(obs("a", 2050, 1_002)));
+    h.send(plain(obs("a", 2050, 1_003)));
+    h.send(plain(obs("a", 2100, 1_004)));
+    h.wait_events(4);
+    h.stop();
+    let ev = events(&path);
+    let summary: Vec<(&str, u64, &str)> = ev
+        .iter()
+        .map(|e| (e.device.as_str(), e.seq, e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("a", 1, "snapshot"),
+            ("b", 1, "snapshot"),
+            ("a", 2, "setpoint"),
+            ("a", 3, "setpoint")
+        ]
+    );
+    assert_eq!(
+        ev[2].previous,
+        serde_json::json!({"value": "20.0", "unit": "C"})
+    );
+    assert_eq!(
+        ev[2].current,
+        serde_json::json!({"value": "20.5", "unit": "C"})
+    );
+    assert_eq!(ev[3].state.setpoint.unwrap().value, Fixed(2100));
+    assert_eq!(ev[0].plant.as_deref(), Some("plant-1"));
+    assert_eq!(ev[0].gateway, "gw-t");
+    let ids: std::collections::HashSet<_> = ev.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), 4);
+    assert!(ev.windows(2).all(
+        |w| uuid::Uuid::parse_str(&w[0].id).unwrap() < uuid::Uuid::parse_str(&w[1].id).unwrap()
+    ));
+}
+
+#[test]
+fn a_restart_replays_events_after_the_checkpoint_and_continues_seq() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1_000)));
+    h.send(plain(obs("a", 2100, 1_001)));
+    h.wait_events(2);
+    h.stop();
+    // Simulate a crash after those commits but before any checkpoint: the devices table is stale.
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch("DELETE FROM devices; UPDATE meta SET value = 0 WHERE key = 'checkpoint_pos';")
+        .unwrap();
+    drop(c);
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2100, 2_000))); // unchanged: nothing
+    h.send(plain(obs("a", 2200, 2_001))); // changed: seq 3
+    h.wait_events(1);
+    h.stop();
+    let ev = events(&path);
+    let summary: Vec<(u64, &str)> = ev.iter().map(|e| (e.seq, e.kind.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![(1, "snapshot"), (2, "setpoint"), (3, "setpoint")]
+    );
+    assert_eq!(ev[2].previous["value"], "21.0");
+}
+
+#[test]
+fn a_stale_mqtt_redelivery_of_a_committed_message_is_dropped_not_diffed() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    let r1 = MqttReceipt {
+        pkid: 7,
+        digest: 111,
+        dup: false,
+    };
+    let r2 = MqttReceipt {
+        pkid: 8,
+        digest: 222,
+        dup: false,
+    };
+    h.send(Envelope {
+        obs: obs("a", 2000, 1_000),
+        ack: None,
+        receipt: Some(r1),
+    });
+    h.send(Envelope {
+        obs: obs("a", 2100, 1_001),
+        ack: None,
+        receipt: Some(r2),
+    });
+    h.wait_events(2);
+    h.stop();
+    // After a crash the broker redelivers both (DUP set); the writer restarts from the file.
+    let h = Harness::start(&path, settings(&[]));
+    let acked = Arc::new(AtomicU64::new(0));
+    for (o, r) in [(obs("a", 2000, 2_000), r1), (obs("a", 2100, 2_001), r2)] {
+        let a = acked.clone();
+        let ack = Ack::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        });
+        h.send(Envelope {
+            obs: o,
+            ack: Some(ack),
+            receipt: Some(MqttReceipt { dup: true, ..r }),
+        });
+    }
+    // A genuinely new message after them still goes through.
+    h.send(Envelope {
+        obs: obs("a", 2200, 2_002),
+        ack: None,
+        receipt: Some(MqttReceipt {
+            pkid: 9,
+            digest: 333,
+            dup: false,
+        }),
+    });
+    h.wait_events(1);
+    let dups = h.stats.duplicates_dropped.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(dups, 2);
+    assert_eq!(acked.load(Ordering::SeqCst), 2, "duplicates are acked");
+    let kinds: Vec<(u64, String)> = events(&path)
+        .into_iter()
+        .map(|e| (e.seq, e.current["value"].to_string()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, "null".into()),
+            (2, "\"21.0\"".into()),
+            (3, "\"22.0\"".into())
+        ]
+    );
+}
+
+#[test]
+fn garbage_collection_deletes_only_what_every_sink_passed_and_never_the_newest() {
+    let (_d, path) = db();
+    // Two sinks: one at pos 3, one at pos 5.
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "s1", "http", StartFrom::Oldest, 0).unwrap();
+        outbox::ensure_sink(&c, &path, "s2", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    let mut s = settings(&["s1", "s2"]);
+    s.checkpoint_interval = Duration::ZERO;
+    let h = Harness::start(&path, s);
+    for i in 0..6 {
+        h.send(plain(obs("a", 2000 + 50 * i, 1_000 + i)));
+    }
+    h.wait_events(6);
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("UPDATE sinks SET cursor = 3 WHERE name = 's1'; UPDATE sinks SET cursor = 6 WHERE name = 's2';").unwrap();
+    }
+    h.tick();
+    h.tick();
+    h.stop();
+    let pos: Vec<i64> = {
+        let c = Connection::open(&path).unwrap();
+        let mut st = c.prepare("SELECT pos FROM events ORDER BY pos").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(pos, vec![4, 5, 6]);
+}
+
+#[test]
+fn the_event_cap_evicts_superseded_measurements_first_and_counts_them() {
+    let (_d, path) = db();
+    let mut s = settings(&["slow"]);
+    s.max_events = 5;
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "slow", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    let h = Harness::start(&path, s);
+    // a: snapshot + 5 temperature changes; b: snapshot + 1 setpoint change.
+    for i in 0..6 {
+        h.send(plain(temp_obs("a", 2000 + 100 * i, 1_000 + i)));
+    }
+    h.send(plain(obs("b", 2000, 2_000)));
+    h.send(plain(obs("b", 2100, 2_001)));
+    h.wait_events(8);
+    h.tick();
+    h.stop();
+    let ev = events(&path);
+    let kept: Vec<(String, u64)> = ev.iter().map(|e| (e.device.clone(), e.seq)).collect();
+    // 8 stored, cap 5: the 3 oldest superseded temperature events of "a" go; every other kind stays.
+    assert_eq!(
+        kept,
+        vec![
+            ("a".into(), 1),
+            ("a".into(), 5),
+            ("a".into(), 6),
+            ("b".into(), 1),
+            ("b".into(), 2)
+        ]
+    );
+    let c = Connection::open(&path).unwrap();
+    let evicted: i64 = c
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'evicted_events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(evicted, 3);
+}
+
+#[test]
+fn outbox_batches_respect_event_and_byte_limits_and_dead_letters_move_the_cursor() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&["s"]));
+    for i in 0..10 {
+        h.send(plain(obs("a", 2000 + 50 * i, 1_000 + i)));
+    }
+    h.wait_events(10);
+    h.stop();
+    let mut c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+    let mut row = outbox::ensure_sink(&c, &path, "s", "http", StartFrom::Oldest, 0).unwrap();
+    let b = outbox::read_batch(&c, &path, 0, 4, 1 << 20).unwrap();
+    assert_eq!(
+        b.iter().map(|e| e.pos).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let one = outbox::read_batch(&c, &path, 0, 100, 10).unwrap();
+    assert_eq!(
+        one.len(),
+        1,
+        "always at least one event, even over the byte limit"
+    );
+    row.cursor = 4;
+    let why = outbox::DeadReason {
+        reason: "rejected",
+        http_status: Some(400),
+        snippet: Some("bad"),
+    };
+    outbox::dead_letter(&mut c, &path, &row, &b, &why, 5).unwrap();
+    let fifth = outbox::read_batch(&c, &path, 4, 1, 1 << 20).unwrap();
+    let now = fifth[0].observed_at + 10_000;
+    let stats = outbox::queue_stats(&c, &path, now).unwrap();
+    assert_eq!(stats.sinks[0].pending, 6);
+    assert_eq!(stats.sinks[0].dead_letters, 4);
+    assert_eq!(stats.sinks[0].oldest_pending_age_ms, Some(10_000));
+    let dl = outbox::dead_letters(&c, &path, Some("s"), 10).unwrap();
+    assert_eq!(dl.len(), 4);
+    assert_eq!(dl[0].http_status, Some(400));
+    assert_eq!(dl[0].reason, "rejected");
+}
+
+#[test]
+fn a_new_sink_can_start_at_now_instead_of_the_oldest_event() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1)));
+    h.send(plain(obs("a", 2100, 2)));
+    h.wait_events(2);
+    h.stop();
+    let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+    assert_eq!(
+        outbox::ensure_sink(&c, &path, "late", "http", StartFrom::Now, 0)
+            .unwrap()
+            .cursor,
+        2
+    );
+    assert_eq!(
+        outbox::ensure_sink(&c, &path, "early", "http", StartFrom::Oldest, 0)
+            .unwrap()
+            .cursor,
+        0
+    );
+    // Existing sinks keep their cursor whatever `from` says.
+    assert_eq!(
+        outbox::ensure_sink(&c, &path, "late", "http", StartFrom::Oldest, 0)
+            .unwrap()
+            .cursor,
+        2
+    );
+}
+
+#[test]
+fn an_idle_writer_writes_nothing() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1)));
+    h.wait_events(1);
+    h.tick();
+    std::thread::sleep(Duration::from_millis(50));
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let ticked = Arc::new(AtomicBool::new(false));
+    for _ in 0..5 {
+        h.tick();
+    }
+    ticked.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    h.stop();
+    assert_eq!(before, after, "ticks without traffic must not write");
+}

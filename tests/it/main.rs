@@ -1,0 +1,17 @@
+//! The single integration-test binary (one link step, shared harness).
+//!
+//! Every test runs against real components on loopback: a mosquitto broker started per test,
+//! HTTP receivers on 127.0.0.1, real SQLite files in temp dirs, the real binary for process tests.
+
+mod harness;
+
+/// Malformed, oversized, unknown, retained and duplicate messages.
+mod bad_input;
+/// The CLI: check-config, queue stats.
+mod cli;
+/// SIGKILL of the real binary while publishing and delivering; restart on the same database.
+mod crash;
+/// Receiver down while events are produced, then up.
+mod outage;
+/// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
+mod pipeline;
