@@ -147,6 +147,21 @@ fn measurement_moved(
     at.saturating_sub(prev.time) >= p.measurement_min_interval_ms
 }
 
+/// Copies one field from `src` to `dst` (used to build the state after each single change).
+pub fn copy_field(dst: &mut DeviceState, src: &DeviceState, f: Field) {
+    match f {
+        Field::Function => dst.function = src.function,
+        Field::Mode => dst.mode = src.mode,
+        Field::Setpoint => dst.setpoint = src.setpoint,
+        Field::Program => dst.program = src.program,
+        Field::ActivationTime => dst.activation_time = src.activation_time,
+        Field::LoadState => dst.load_state = src.load_state,
+        Field::Temperature => dst.temperature.clone_from(&src.temperature),
+        Field::Humidity => dst.humidity.clone_from(&src.humidity),
+        Field::Connectivity => dst.connectivity = src.connectivity,
+    }
+}
+
 fn set_reported(next: &mut DeviceState, rep: &Reported, f: Field, at: UnixMs) {
     match f {
         Field::Function => set(&mut next.function, rep.function),
@@ -444,6 +459,23 @@ mod tests {
                 apply(&mut applied, ch, 1_000 + dt);
             }
             prop_assert_eq!(applied, s2);
+        }
+
+        #[test]
+        fn copying_the_changed_fields_one_by_one_ends_at_the_next_state(
+            first in arb_reported(), second in arb_reported(), p in arb_policy(),
+        ) {
+            let (s1, _) = diff(None, &first, &p, 0);
+            let (s2, changes) = diff(Some(&s1), &second, &p, 5);
+            let mut cur = s1.clone();
+            for ch in &changes {
+                if let ChangeKind::Field(f) = ch.kind {
+                    prop_assert_eq!(cur.field_json(f), ch.previous.clone());
+                    copy_field(&mut cur, &s2, f);
+                    prop_assert_eq!(cur.field_json(f), ch.current.clone());
+                }
+            }
+            prop_assert_eq!(cur, s2);
         }
 
         #[test]

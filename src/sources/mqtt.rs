@@ -253,6 +253,20 @@ impl MqttSource {
         SourceStats::inc(&self.stats.received);
         let ack = self.ack_for(client, &p, in_flight);
         let topic = p.topic.as_str();
+        // Route on the topic first: a large message on a topic we ignore (e.g. a retained
+        // `bridge/devices`) is not malformed, just not ours.
+        let ours = match &self.router {
+            Router::Z2m { base } => !matches!(payload::z2m_route(base, topic), Route::Ignore),
+            Router::Generic { filters, mapping } => {
+                mapping.availability_device(topic).is_some()
+                    || filters.iter().any(|f| payload::topic_matches(f, topic))
+            }
+        };
+        if !ours {
+            SourceStats::inc(&self.stats.ignored);
+            ack.run();
+            return None;
+        }
         if p.payload.len() > self.cfg.max_payload_bytes {
             self.bad(
                 topic,

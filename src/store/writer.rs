@@ -11,7 +11,7 @@
 //! snapshots, collects garbage every sink has passed, enforces the size cap and vacuums.
 
 use super::{Error, ctx, meta_get, meta_set};
-use crate::diff::{DeviceRecord, DiffPolicy, diff, snapshot_due};
+use crate::diff::{DeviceRecord, DiffPolicy, copy_field, diff, snapshot_due};
 use crate::model::{
     Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
 };
@@ -416,11 +416,16 @@ impl Writer {
                     continue;
                 }
                 let mut rec = prev.cloned().unwrap_or_default();
-                rec.state = next;
                 for ch in changes {
                     pos += 1;
                     rec.seq += 1;
                     rec.note_emitted(ch.kind, obs.observed_at);
+                    // Each event carries the state right after *its* change, so a receiver can
+                    // apply the events one by one and check `previous` against what it holds.
+                    match ch.kind {
+                        ChangeKind::Snapshot => rec.state = next.clone(),
+                        ChangeKind::Field(f) => copy_field(&mut rec.state, &next, f),
+                    }
                     let payload = envelope(
                         &self.s,
                         &self.path,
