@@ -309,3 +309,56 @@ async fn an_answer_slower_than_the_request_timeout_is_resent_as_an_identical_dup
     assert_eq!((sink.cursor, sink.delivered), (1, 1));
     assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_older_than_ttl_become_expired_dead_letters_and_newer_ones_still_flow() {
+    let sb = Sandbox::new("ttl_expiry");
+    let Setup {
+        broker: _broker,
+        mut receiver,
+        tc,
+        daemon,
+        publisher: mut p,
+    } = setup_with(&sb, vec![], |tc| {
+        tc.sink_set("upstream", "ttl_secs", "1");
+    })
+    .await;
+    receiver.stop().await;
+    let topic = format!("{}/trv", tc.base_topic());
+    p.publish(&topic, trv_state(21.0), false).await;
+    p.publish(&topic, trv_state(21.5), false).await;
+    let db = Db::open(&tc.db_path());
+    wait_until_async("two events committed", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM events") == 2
+    })
+    .await;
+    // The sink keeps retrying every second; once the events are older than 1 s the next
+    // attempt moves them to dead letters instead of sending them.
+    wait_until_async("two expired dead letters", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE reason = 'expired'") == 2
+    })
+    .await;
+    let dead = db.dead_letters();
+    let got: Vec<(i64, &str, &str, Option<i64>)> = dead
+        .iter()
+        .map(|d| (d.seq, d.kind.as_str(), d.reason.as_str(), d.http_status))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "snapshot", "expired", None),
+            (2, "setpoint", "expired", None)
+        ]
+    );
+    receiver.restart().await;
+    p.publish(&topic, trv_state(22.0), false).await;
+    let events = receiver.wait_unique_events(1, TIMEOUT).await;
+    assert_eq!((events[0].seq, events[0].kind.as_str()), (3, "setpoint"));
+    assert_eq!(events[0].previous, json!({"value": "21.5", "unit": "C"}));
+    assert_eq!(
+        receiver.unique_events().len(),
+        1,
+        "expired events are never sent"
+    );
+    daemon.stop().await.unwrap();
+}
