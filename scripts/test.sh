@@ -17,6 +17,12 @@ fi
 # Debian installs mosquitto in /usr/sbin, which is not on every PATH.
 export PATH="$PATH:/usr/sbin"
 
+# The reference Standard Webhooks verifier (Python) for the interop test, in a local venv.
+if ! .venv/bin/python -c "import standardwebhooks" >/dev/null 2>&1; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check "standardwebhooks==1.1.0"
+fi
+
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets -- --test-threads "${TEST_THREADS:-2}"

@@ -9,6 +9,8 @@ mod harness;
 mod bad_input;
 /// The CLI: check-config, queue stats.
 mod cli;
+/// Signatures checked by the reference Standard Webhooks library.
+mod interop;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
 /// Receiver down while events are produced, then up.
