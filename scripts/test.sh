@@ -19,7 +19,12 @@ export PATH="$PATH:/usr/sbin"
 
 # The reference Standard Webhooks verifier (Python) for the interop test, in a local venv.
 if ! .venv/bin/python -c "import standardwebhooks" >/dev/null 2>&1; then
-    python3 -m venv .venv
+    rm -rf .venv
+    if ! python3 -m venv .venv; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+        rm -rf .venv && python3 -m venv .venv
+    fi
     .venv/bin/pip install -q --disable-pip-version-check "standardwebhooks==1.1.0"
 fi
 

@@ -1,8 +1,126 @@
+//! Config schema and validation: one test per rule of [`Config::validate`], each asserting the
+//! exact `ConfigError { key, problem }`; unknown keys and wrong types per section; secrets; and
+//! the shipped configs (`config/hvac-edge.toml`, `config/demo.toml`, `config/examples/*.toml`).
+//!
+//! Tests marked `#[ignore = "bug: …"]` describe what validation SHOULD do and currently does not.
+
 use super::*;
+use std::os::unix::fs::PermissionsExt;
+
+/// The reference config shipped in the repo.
+const REFERENCE_TOML: &str = include_str!("../../config/hvac-edge.toml");
+/// The generic-mapping example shipped in the repo.
+const ESPHOME_EXAMPLE_TOML: &str = include_str!("../../config/examples/generic-esphome.toml");
+
+const GATEWAY: &str = "[gateway]\nid = \"gw-1\"\n";
+/// A valid Standard Webhooks secret (24 bytes), the one of the spec's test vector.
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// An environment variable no test sets.
+const UNSET_VAR: &str = "HVAC_EDGE_TEST_VARIABLE_THAT_IS_NEVER_SET";
+/// An environment variable that is set (and not empty) wherever tests run.
+const SET_VAR: &str = "PATH";
 
 fn minimal() -> &'static str {
-    "[gateway]\nid = \"gw-1\"\n"
+    GATEWAY
 }
+
+fn problem(key: &str, problem: &str) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Parses a whole config text (it must parse) and returns its validation problems.
+#[track_caller]
+fn problems_of(text: &str) -> Vec<ConfigError> {
+    let cfg: Config =
+        toml::from_str(text).unwrap_or_else(|e| panic!("does not parse: {e}\n--\n{text}"));
+    cfg.validate().err().unwrap_or_default()
+}
+
+/// Asserts the exact problems of `body` placed after a valid `[gateway]`.
+#[track_caller]
+fn assert_problems(body: &str, expected: &[(&str, &str)]) {
+    let got = problems_of(&format!("{GATEWAY}{body}"));
+    let want: Vec<ConfigError> = expected.iter().map(|(k, p)| problem(k, p)).collect();
+    assert_eq!(got, want, "config body:\n{body}");
+}
+
+#[track_caller]
+fn assert_valid(body: &str) {
+    assert_problems(body, &[]);
+}
+
+/// The message of a parse (TOML/type) error; panics if the text parses.
+#[track_caller]
+fn parse_error(text: &str) -> String {
+    match parse(text, Path::new("t.toml")) {
+        Err(LoadError::Parse { path, message }) => {
+            assert_eq!(path, Path::new("t.toml"));
+            message
+        }
+        Err(other) => panic!("expected a parse error, got: {other}"),
+        Ok(_) => panic!("expected a parse error, but it parsed:\n{text}"),
+    }
+}
+
+/// Asserts that `text` is refused at parse time naming `key` on `line`.
+#[track_caller]
+fn assert_unknown_key(text: &str, key: &str, line: usize) {
+    let msg = parse_error(text);
+    assert!(
+        msg.contains(&format!("at line {line},")),
+        "no line {line} in: {msg}"
+    );
+    assert!(
+        msg.contains(&format!("unknown field `{key}`")),
+        "key {key} not named in: {msg}"
+    );
+}
+
+/// A simulator source with extra keys.
+fn sim(extra: &str) -> String {
+    format!("[[sources.simulator]]\nname = \"sim\"\n{extra}")
+}
+
+/// A zigbee2mqtt MQTT source with extra keys.
+fn mqtt(extra: &str) -> String {
+    format!("[[sources.mqtt]]\nname = \"z2m\"\n{extra}")
+}
+
+/// A generic MQTT source: `source_extra` goes in `[[sources.mqtt]]`, `mapping` is the whole
+/// mapping part (tables included).
+fn generic(source_extra: &str, mapping: &str) -> String {
+    format!("[[sources.mqtt]]\nname = \"esp\"\npreset = \"generic\"\n{source_extra}{mapping}")
+}
+
+const TOPICS: &str = "topics = [\"home/+/climate/state\"]\n";
+const MAPPING: &str = "[sources.mqtt.mapping]\ndevice = \"{topic:1}\"\n[sources.mqtt.mapping.fields]\nsetpoint = \"/target_temperature\"\n";
+
+/// An HTTP sink with the given URL and extra keys.
+fn sink(url: &str, extra: &str) -> String {
+    format!("[[sinks.http]]\nname = \"up\"\nurl = \"{url}\"\n{extra}")
+}
+
+/// An HTTPS sink with extra keys.
+fn https(extra: &str) -> String {
+    sink("https://ingest.example.com/v1/events", extra)
+}
+
+/// Writes a secret file with the given content and mode; returns its path.
+fn secret_file(dir: &tempfile::TempDir, name: &str, content: &str, mode: u32) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, content).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+// ---------------------------------------------------------------------- defaults
 
 #[test]
 fn a_minimal_config_gets_every_default() {
@@ -11,10 +129,1715 @@ fn a_minimal_config_gets_every_default() {
         c.store.path,
         PathBuf::from("/var/lib/hvac-edge/hvac-edge.db")
     );
+    assert_eq!(c.store.synchronous, Synchronous::Full);
+    assert_eq!(c.store.max_bytes, 268_435_456);
+    assert_eq!(c.store.max_events, 0);
+    assert_eq!(c.store.busy_timeout_ms, 5000);
+    assert_eq!(c.pipeline.queue_len, 1024);
     assert_eq!(c.pipeline.batch_max, 256);
+    assert_eq!(c.pipeline.commit_delay_ms, 10);
+    assert_eq!(c.pipeline.snapshot_interval_secs, 900);
+    assert_eq!(c.pipeline.checkpoint_interval_secs, 30);
+    assert_eq!(c.pipeline.shutdown_grace_secs, 10);
+    assert_eq!(c.diff.temperature_deadband, 0.2);
+    assert_eq!(c.diff.humidity_deadband, 1.0);
+    assert_eq!(c.diff.measurement_min_interval_secs, 0);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Plain);
+    assert!(c.devices.is_empty() && c.sources.mqtt.is_empty() && c.sinks.http.is_empty());
+}
+
+#[test]
+fn component_defaults_match_their_doc_comments() {
+    let text = format!("{GATEWAY}{}{}{}", mqtt(""), sim(""), https(""));
+    let c = parse(&text, Path::new("t.toml")).unwrap();
+    let m = &c.sources.mqtt[0];
+    assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1883));
+    assert_eq!(m.effective_client_id(), "hvac-edge-z2m");
+    assert_eq!(m.preset, MqttPreset::Zigbee2mqtt);
+    assert_eq!(m.base_topic, "zigbee2mqtt");
+    assert_eq!(m.max_payload_bytes, 65536);
+    assert_eq!(m.keep_alive_secs, 30);
+    assert_eq!(m.max_inflight, 1000);
+    assert_eq!((m.reconnect_min_ms, m.reconnect_max_ms), (1000, 30_000));
+    let s = &c.sources.simulator[0];
+    assert_eq!((s.devices, s.changes_per_sec, s.seed), (5, 2.0, 1));
+    assert_eq!((s.device_prefix.as_str(), s.max_observations), ("sim-", 0));
+    let h = &c.sinks.http[0];
+    assert!(!h.allow_insecure_http);
+    assert_eq!((h.batch_max_events, h.batch_max_bytes), (500, 1_048_576));
+    assert_eq!(h.request_timeout_ms, 10_000);
+    assert_eq!(h.retry_schedule_secs, vec![10, 30, 60, 300, 600]);
+    assert_eq!(h.ttl_secs, 86_400);
+    assert_eq!(h.api_version, "1");
+    assert_eq!(h.from, StartFrom::Oldest);
+}
+
+// ---------------------------------------------------------------------- [gateway]
+
+#[test]
+fn gateway_id_must_not_be_empty() {
+    for id in ["", "   "] {
+        assert_eq!(
+            problems_of(&format!("[gateway]\nid = \"{id}\"\n")),
+            vec![problem("gateway.id", "must not be empty")]
+        );
+    }
+}
+
+#[test]
+fn gateway_id_is_at_most_128_characters() {
+    let long = "g".repeat(129);
+    assert_eq!(
+        problems_of(&format!("[gateway]\nid = \"{long}\"\n")),
+        vec![problem("gateway.id", "must be at most 128 characters")]
+    );
+    assert_eq!(
+        problems_of(&format!("[gateway]\nid = \"{}\"\n", "g".repeat(128))),
+        vec![]
+    );
+}
+
+#[test]
+fn gateway_table_and_gateway_id_are_required() {
+    assert!(parse_error("[store]\n").contains("missing field `gateway`"));
+    let msg = parse_error("[gateway]\nplant = \"p\"\n");
+    assert!(msg.contains("missing field `id`"), "{msg}");
+}
+
+// ---------------------------------------------------------------------- [store]
+
+#[test]
+fn store_path_must_not_be_empty() {
+    assert_problems(
+        "[store]\npath = \"\"\n",
+        &[("store.path", "must not be empty")],
+    );
+}
+
+#[test]
+fn store_max_bytes_is_zero_or_at_least_one_mib() {
+    for v in [1, 1_048_575] {
+        assert_problems(
+            &format!("[store]\nmax_bytes = {v}\n"),
+            &[(
+                "store.max_bytes",
+                "must be 0 (no cap) or at least 1048576 (1 MiB)",
+            )],
+        );
+    }
+    assert_valid("[store]\nmax_bytes = 0\n");
+    assert_valid("[store]\nmax_bytes = 1048576\n");
+}
+
+#[test]
+fn store_synchronous_is_full_or_normal() {
+    assert_valid("[store]\nsynchronous = \"normal\"\nmax_events = 1000\n");
+    let msg = parse_error(&format!("{GATEWAY}[store]\nsynchronous = \"off\"\n"));
+    assert!(
+        msg.contains("unknown variant `off`, expected `full` or `normal`"),
+        "{msg}"
+    );
+}
+
+#[test]
+#[ignore = "bug: store.busy_timeout_ms has no range; with 0 a sink's cursor update fails with \
+            SQLITE_BUSY whenever the writer holds the write lock, which ends that sink task until \
+            the daemon restarts"]
+fn store_busy_timeout_ms_of_zero_is_refused() {
+    assert_problems(
+        "[store]\nbusy_timeout_ms = 0\n",
+        &[("store.busy_timeout_ms", "must be between 100 and 600000")],
+    );
+}
+
+// ---------------------------------------------------------------------- [pipeline]
+
+#[test]
+fn pipeline_queue_len_must_be_between_1_and_1000000() {
+    for v in [0, 1_000_001] {
+        assert_problems(
+            &format!("[pipeline]\nqueue_len = {v}\n"),
+            &[("pipeline.queue_len", "must be between 1 and 1000000")],
+        );
+    }
+    assert_valid("[pipeline]\nqueue_len = 1\n");
+    assert_valid("[pipeline]\nqueue_len = 1000000\n");
+}
+
+#[test]
+fn pipeline_batch_max_must_be_between_1_and_100000() {
+    for v in [0, 100_001] {
+        assert_problems(
+            &format!("[pipeline]\nbatch_max = {v}\n"),
+            &[("pipeline.batch_max", "must be between 1 and 100000")],
+        );
+    }
+    assert_valid("[pipeline]\nbatch_max = 1\n");
+    assert_valid("[pipeline]\nbatch_max = 100000\n");
+}
+
+#[test]
+fn pipeline_commit_delay_ms_is_at_most_1000() {
+    assert_problems(
+        "[pipeline]\ncommit_delay_ms = 1001\n",
+        &[("pipeline.commit_delay_ms", "must be at most 1000")],
+    );
+    assert_valid("[pipeline]\ncommit_delay_ms = 0\n");
+    assert_valid("[pipeline]\ncommit_delay_ms = 1000\n");
+}
+
+#[test]
+fn pipeline_snapshot_interval_secs_must_be_at_least_1() {
+    assert_problems(
+        "[pipeline]\nsnapshot_interval_secs = 0\n",
+        &[("pipeline.snapshot_interval_secs", "must be at least 1")],
+    );
+    assert_valid("[pipeline]\nsnapshot_interval_secs = 1\n");
+}
+
+#[test]
+fn pipeline_checkpoint_interval_secs_must_be_at_least_1() {
+    assert_problems(
+        "[pipeline]\ncheckpoint_interval_secs = 0\n",
+        &[("pipeline.checkpoint_interval_secs", "must be at least 1")],
+    );
+    assert_valid("[pipeline]\ncheckpoint_interval_secs = 1\nshutdown_grace_secs = 0\n");
+}
+
+// ---------------------------------------------------------------------- [diff]
+
+#[test]
+fn diff_temperature_deadband_must_be_between_0_and_10() {
+    for v in ["-0.1", "10.01", "nan", "inf"] {
+        assert_problems(
+            &format!("[diff]\ntemperature_deadband = {v}\n"),
+            &[("diff.temperature_deadband", "must be between 0 and 10")],
+        );
+    }
+    assert_valid("[diff]\ntemperature_deadband = 0.0\n");
+    assert_valid("[diff]\ntemperature_deadband = 10\n");
+}
+
+#[test]
+fn diff_humidity_deadband_must_be_between_0_and_50() {
+    for v in ["-1.0", "50.5", "nan"] {
+        assert_problems(
+            &format!("[diff]\nhumidity_deadband = {v}\n"),
+            &[("diff.humidity_deadband", "must be between 0 and 50")],
+        );
+    }
+    assert_valid("[diff]\nhumidity_deadband = 50.0\nmeasurement_min_interval_secs = 60\n");
+}
+
+// ---------------------------------------------------------------------- [log]
+
+#[test]
+fn log_level_must_be_a_known_level() {
+    assert_problems(
+        "[log]\nlevel = \"verbose\"\n",
+        &[(
+            "log.level",
+            "unknown level \"verbose\"; use error, warn, info, debug or trace",
+        )],
+    );
+    for level in ["error", "warn", "info", "debug", "trace"] {
+        assert_valid(&format!("[log]\nlevel = \"{level}\"\n"));
+    }
+}
+
+#[test]
+fn log_format_is_plain_or_json() {
+    assert_valid("[log]\nformat = \"json\"\n");
+    let msg = parse_error(&format!("{GATEWAY}[log]\nformat = \"text\"\n"));
+    assert!(
+        msg.contains("unknown variant `text`, expected `plain` or `json`"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------- [[devices]]
+
+#[test]
+fn device_ids_must_not_be_empty() {
+    assert_problems(
+        "[[devices]]\nid = \"\"\n",
+        &[("devices[0].id", "must not be empty")],
+    );
+}
+
+#[test]
+fn device_ids_must_be_unique() {
+    assert_problems(
+        "[[devices]]\nid = \"a\"\n[[devices]]\nid = \"b\"\nplant = \"p\"\n[[devices]]\nid = \"a\"\nmodule = \"m\"\n",
+        &[("devices[2].id", "\"a\" is already described by devices[0]")],
+    );
+}
+
+#[test]
+fn device_meta_falls_back_to_the_gateway_plant() {
+    let c = parse(
+        "[gateway]\nid = \"gw\"\nplant = \"P0\"\n[[devices]]\nid = \"a\"\nmodule = \"M\"\n[[devices]]\nid = \"b\"\nplant = \"P1\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let meta = c.device_meta();
+    assert_eq!(meta["a"].plant.as_deref(), Some("P0"));
+    assert_eq!(meta["a"].module.as_deref(), Some("M"));
+    assert_eq!(meta["b"].plant.as_deref(), Some("P1"));
+    assert_eq!(meta["b"].module, None);
+}
+
+// ---------------------------------------------------------------------- component names
+
+#[test]
+fn component_names_must_be_1_to_64_safe_characters() {
+    assert_problems(
+        "[[sources.simulator]]\nname = \"\"\n",
+        &[("sources.simulator[0].name", "must not be empty")],
+    );
+    let long = "n".repeat(65);
+    for bad in ["my sim", "sim/1", "sïm", long.as_str()] {
+        assert_problems(
+            &format!("[[sources.simulator]]\nname = \"{bad}\"\n"),
+            &[(
+                "sources.simulator[0].name",
+                &format!("{bad:?} must be 1-64 characters of a-z, A-Z, 0-9, - and _"),
+            )],
+        );
+    }
+    assert_valid(&format!(
+        "[[sources.simulator]]\nname = \"Sim_1-a{}\"\n",
+        "n".repeat(57)
+    ));
+}
+
+#[test]
+fn source_names_are_unique_across_source_kinds() {
+    assert_problems(
+        &format!(
+            "{}[[sources.simulator]]\nname = \"z2m\"\n[[sources.simulator]]\nname = \"z2m\"\ndevice_prefix = \"other-\"\n",
+            mqtt("")
+        ),
+        &[
+            (
+                "sources.simulator[0].name",
+                "\"z2m\" is already used by sources.mqtt[0]",
+            ),
+            (
+                "sources.simulator[1].name",
+                "\"z2m\" is already used by sources.mqtt[0]",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn sink_names_are_unique_among_sinks_and_may_repeat_a_source_name() {
+    assert_problems(
+        &format!("{}{}", https(""), https("")),
+        &[(
+            "sinks.http[1].name",
+            "\"up\" is already used by sinks.http[0]",
+        )],
+    );
+    assert_valid(&format!(
+        "[[sources.simulator]]\nname = \"up\"\n{}",
+        https("")
+    ));
+}
+
+// ---------------------------------------------------------------------- [[sources.mqtt]]
+
+#[test]
+fn mqtt_host_must_not_be_empty() {
+    for host in ["", "  "] {
+        assert_problems(
+            &mqtt(&format!("host = \"{host}\"\n")),
+            &[("sources.mqtt[0].host", "must not be empty")],
+        );
+    }
+}
+
+#[test]
+fn mqtt_port_must_not_be_0() {
+    assert_problems(
+        &mqtt("port = 0\n"),
+        &[("sources.mqtt[0].port", "must not be 0")],
+    );
+    assert_valid(&mqtt("port = 65535\n"));
+}
+
+#[test]
+fn mqtt_client_id_must_be_1_to_128_characters() {
+    for id in [String::new(), "c".repeat(129)] {
+        assert_problems(
+            &mqtt(&format!("client_id = \"{id}\"\n")),
+            &[("sources.mqtt[0].client_id", "must be 1 to 128 characters")],
+        );
+    }
+    assert_valid(&mqtt(&format!("client_id = \"{}\"\n", "c".repeat(128))));
+}
+
+#[test]
+fn mqtt_password_file_and_password_env_are_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "pw", "s3cret\n", 0o600);
+    assert_problems(
+        &mqtt(&format!(
+            "username = \"u\"\npassword_file = {}\npassword_env = \"{SET_VAR}\"\n",
+            toml_path(&f)
+        )),
+        &[(
+            "sources.mqtt[0].password_file",
+            "set password_file or password_env, not both",
+        )],
+    );
+}
+
+#[test]
+fn mqtt_password_needs_a_username() {
+    assert_problems(
+        &mqtt(&format!("password_env = \"{SET_VAR}\"\n")),
+        &[(
+            "sources.mqtt[0].username",
+            "a password is set but no username",
+        )],
+    );
+    assert_valid(&mqtt(&format!(
+        "username = \"u\"\npassword_env = \"{SET_VAR}\"\n"
+    )));
+    assert_valid(&mqtt("username = \"u\"\n"));
+}
+
+#[test]
+fn mqtt_password_env_must_be_set() {
+    assert_problems(
+        &mqtt(&format!(
+            "username = \"u\"\npassword_env = \"{UNSET_VAR}\"\n"
+        )),
+        &[(
+            "sources.mqtt[0].password_env",
+            &format!("environment variable {UNSET_VAR} is unset or empty"),
+        )],
+    );
+}
+
+#[test]
+fn mqtt_max_payload_bytes_must_be_between_1024_and_16777216() {
+    for v in [1023, 16_777_217] {
+        assert_problems(
+            &mqtt(&format!("max_payload_bytes = {v}\n")),
+            &[(
+                "sources.mqtt[0].max_payload_bytes",
+                "must be between 1024 and 16777216",
+            )],
+        );
+    }
+    assert_valid(&mqtt("max_payload_bytes = 1024\n"));
+    assert_valid(&mqtt("max_payload_bytes = 16777216\n"));
+}
+
+#[test]
+fn mqtt_keep_alive_secs_must_be_between_5_and_3600() {
+    for v in [0, 4, 3601] {
+        assert_problems(
+            &mqtt(&format!("keep_alive_secs = {v}\n")),
+            &[(
+                "sources.mqtt[0].keep_alive_secs",
+                "must be between 5 and 3600",
+            )],
+        );
+    }
+    assert_valid(&mqtt("keep_alive_secs = 5\n"));
+    assert_valid(&mqtt("keep_alive_secs = 3600\n"));
+}
+
+#[test]
+fn mqtt_max_inflight_must_be_at_least_1() {
+    assert_problems(
+        &mqtt("max_inflight = 0\n"),
+        &[("sources.mqtt[0].max_inflight", "must be at least 1")],
+    );
+    assert_valid(&mqtt("max_inflight = 65535\n"));
+}
+
+#[test]
+fn mqtt_reconnect_min_ms_must_be_positive_and_at_most_reconnect_max_ms() {
+    for extra in [
+        "reconnect_min_ms = 0\n",
+        "reconnect_min_ms = 5000\nreconnect_max_ms = 1000\n",
+    ] {
+        assert_problems(
+            &mqtt(extra),
+            &[(
+                "sources.mqtt[0].reconnect_min_ms",
+                "must be at least 1 and at most reconnect_max_ms",
+            )],
+        );
+    }
+    assert_valid(&mqtt("reconnect_min_ms = 1000\nreconnect_max_ms = 1000\n"));
+}
+
+#[test]
+fn zigbee2mqtt_base_topic_must_be_non_empty_without_wildcards() {
+    for base in ["", "zigbee2mqtt/+", "z/#", "z+"] {
+        assert_problems(
+            &mqtt(&format!("base_topic = \"{base}\"\n")),
+            &[(
+                "sources.mqtt[0].base_topic",
+                "must be a non-empty topic without wildcards",
+            )],
+        );
+    }
+    assert_valid(&mqtt("base_topic = \"site/zigbee\"\n"));
+}
+
+#[test]
+fn zigbee2mqtt_preset_refuses_topics() {
+    assert_problems(
+        &mqtt("topics = [\"a/+\"]\n"),
+        &[(
+            "sources.mqtt[0].topics",
+            "only used with preset = \"generic\"; the zigbee2mqtt preset subscribes to <base_topic>/#",
+        )],
+    );
+}
+
+#[test]
+fn zigbee2mqtt_preset_refuses_a_mapping() {
+    assert_problems(
+        &mqtt("[sources.mqtt.mapping]\ndevice = \"/id\"\n"),
+        &[(
+            "sources.mqtt[0].mapping",
+            "only used with preset = \"generic\"",
+        )],
+    );
+}
+
+#[test]
+fn mqtt_preset_is_zigbee2mqtt_or_generic() {
+    let msg = parse_error(&format!("{GATEWAY}{}", mqtt("preset = \"z2m\"\n")));
+    assert!(
+        msg.contains("unknown variant `z2m`, expected `zigbee2mqtt` or `generic`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn generic_preset_needs_at_least_one_topic() {
+    assert_problems(
+        &generic("", MAPPING),
+        &[(
+            "sources.mqtt[0].topics",
+            "the generic preset needs at least one topic filter",
+        )],
+    );
+}
+
+#[test]
+fn generic_topic_filters_must_be_valid() {
+    assert_problems(
+        &generic(
+            "topics = [\"a/#/b\", \"home/+/state\", \"a+/b\", \"\", \"#\", \"+/+/x\"]\n",
+            MAPPING,
+        ),
+        &[
+            (
+                "sources.mqtt[0].topics[0]",
+                "\"a/#/b\" is not a valid MQTT topic filter",
+            ),
+            (
+                "sources.mqtt[0].topics[2]",
+                "\"a+/b\" is not a valid MQTT topic filter",
+            ),
+            (
+                "sources.mqtt[0].topics[3]",
+                "\"\" is not a valid MQTT topic filter",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn generic_preset_needs_a_mapping() {
+    assert_problems(
+        &generic(TOPICS, ""),
+        &[(
+            "sources.mqtt[0].mapping",
+            "the generic preset needs a [sources.mqtt.mapping] table",
+        )],
+    );
+    assert_valid(&generic(TOPICS, MAPPING));
+}
+
+#[test]
+fn generic_mapping_device_is_a_topic_level_or_a_json_pointer() {
+    let with_device = |d: &str| {
+        generic(
+            TOPICS,
+            &format!(
+                "[sources.mqtt.mapping]\ndevice = \"{d}\"\n[sources.mqtt.mapping.fields]\nmode = \"/mode\"\n"
+            ),
+        )
+    };
+    assert_problems(
+        &with_device("id"),
+        &[(
+            "sources.mqtt[0].mapping.device",
+            "\"id\" is neither {topic:N} (0-based topic level) nor a JSON pointer like /id",
+        )],
+    );
+    assert_problems(
+        &with_device("{topic:x}"),
+        &[(
+            "sources.mqtt[0].mapping.device",
+            "\"{topic:x}\": the topic level must be a small non-negative integer, e.g. {topic:1}",
+        )],
+    );
+    assert_valid(&with_device("/id"));
+    assert_valid(&with_device("{topic:0}"));
+}
+
+#[test]
+fn generic_mapping_needs_at_least_one_field() {
+    assert_problems(
+        &generic(TOPICS, "[sources.mqtt.mapping]\ndevice = \"/id\"\n"),
+        &[(
+            "sources.mqtt[0].mapping.fields",
+            "map at least one canonical field to a JSON pointer",
+        )],
+    );
+}
+
+#[test]
+fn generic_mapping_fields_must_be_canonical_fields() {
+    assert_problems(
+        &generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\n[sources.mqtt.mapping.fields]\ntarget = \"/t\"\nsetpoint = \"/sp\"\n",
+        ),
+        &[(
+            "sources.mqtt[0].mapping.fields.target",
+            "unknown canonical field \"target\"; expected one of function, mode, setpoint, program, activation_time, load_state, temperature, humidity, connectivity",
+        )],
+    );
+}
+
+#[test]
+fn generic_mapping_fields_must_be_json_pointers() {
+    assert_problems(
+        &generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\n[sources.mqtt.mapping.fields]\nsetpoint = \"target\"\ntemperature = \"/a~2b\"\nhumidity = \"/a~1b/~0c\"\n",
+        ),
+        &[
+            (
+                "sources.mqtt[0].mapping.fields.setpoint",
+                "JSON pointer \"target\" must start with /",
+            ),
+            (
+                "sources.mqtt[0].mapping.fields.temperature",
+                "JSON pointer \"/a~2b\": ~ must be followed by 0 (for ~) or 1 (for /)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn generic_mapping_value_maps_apply_to_enum_fields_only() {
+    assert_problems(
+        &generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\n[sources.mqtt.mapping.fields]\nsetpoint = \"/sp\"\n[sources.mqtt.mapping.values.setpoint]\nhigh = \"ACTIVE\"\n[sources.mqtt.mapping.values.fan]\nauto = \"ON\"\n",
+        ),
+        &[
+            (
+                "sources.mqtt[0].mapping.values.fan",
+                "unknown enum field \"fan\"; expected one of function, mode, load_state, connectivity",
+            ),
+            (
+                "sources.mqtt[0].mapping.values.setpoint",
+                "setpoint is not an enum field; value maps apply to function, mode, load_state, connectivity",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn generic_mapping_values_must_be_canonical_values() {
+    assert_problems(
+        &generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\n[sources.mqtt.mapping.fields]\nmode = \"/mode\"\nload_state = \"/action\"\n[sources.mqtt.mapping.values.mode]\nheat = \"HEATING\"\nauto = \"automatic\"\n[sources.mqtt.mapping.values.load_state]\nidle = \"IDLE\"\n",
+        ),
+        &[
+            (
+                "sources.mqtt[0].mapping.values.load_state.idle",
+                "\"IDLE\" is not a valid value here; expected one of ACTIVE, INACTIVE",
+            ),
+            (
+                "sources.mqtt[0].mapping.values.mode.heat",
+                "\"HEATING\" is not a valid value here; expected one of AUTOMATIC, MANUAL, BOOST, OFF, PROTECTION",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn generic_mapping_value_map_without_its_field_is_refused() {
+    assert_problems(
+        &generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\n[sources.mqtt.mapping.fields]\nsetpoint = \"/sp\"\n[sources.mqtt.mapping.values.mode]\nheat = \"MANUAL\"\n",
+        ),
+        &[(
+            "sources.mqtt[0].mapping.values.mode",
+            "mode has no JSON pointer in fields, so this value map is never used",
+        )],
+    );
+}
+
+#[test]
+fn generic_mapping_availability_topic_holds_device_once_as_a_whole_level() {
+    let with_availability = |a: &str| {
+        generic(
+            TOPICS,
+            &format!(
+                "[sources.mqtt.mapping]\ndevice = \"{{topic:1}}\"\navailability_topic = \"{a}\"\n[sources.mqtt.mapping.fields]\nmode = \"/mode\"\n"
+            ),
+        )
+    };
+    for bad in [
+        "home/status",
+        "home/dev-{device}/status",
+        "{device}/{device}",
+    ] {
+        assert_problems(
+            &with_availability(bad),
+            &[(
+                "sources.mqtt[0].mapping.availability_topic",
+                &format!("{bad:?} must contain {{device}} exactly once, as a whole topic level"),
+            )],
+        );
+    }
+    assert_problems(
+        &with_availability("+/{device}/status"),
+        &[(
+            "sources.mqtt[0].mapping.availability_topic",
+            "\"+/{device}/status\": use {device}, not MQTT wildcards",
+        )],
+    );
+    assert_valid(&with_availability("home/{device}/status"));
+    assert_valid(&with_availability("{device}/availability"));
+}
+
+#[test]
+fn generic_mapping_unit_is_c_or_f() {
+    assert_valid(&generic(
+        TOPICS,
+        "[sources.mqtt.mapping]\ndevice = \"/id\"\nunit = \"F\"\n[sources.mqtt.mapping.fields]\nsetpoint = \"/sp\"\n",
+    ));
+    let msg = parse_error(&format!(
+        "{GATEWAY}{}",
+        generic(
+            TOPICS,
+            "[sources.mqtt.mapping]\ndevice = \"/id\"\nunit = \"K\"\n"
+        )
+    ));
+    assert!(msg.contains("unknown variant `K`"), "{msg}");
+}
+
+#[test]
+#[ignore = "bug: two MQTT sources with the same effective client_id on one broker are accepted; \
+            the broker then disconnects one whenever the other connects (session takeover), forever"]
+fn two_mqtt_sources_with_one_client_id_on_one_broker_are_refused() {
+    let got = problems_of(&format!(
+        "{GATEWAY}[[sources.mqtt]]\nname = \"a\"\nclient_id = \"hvac-edge-b\"\n[[sources.mqtt]]\nname = \"b\"\n"
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sources.mqtt[1].client_id");
+    assert!(got[0].problem.contains("sources.mqtt[0]"), "{got:?}");
+}
+
+#[test]
+#[ignore = "bug: config.md says two sources claiming the same device id is a config error when it \
+            can be seen in config; overlapping simulator fleets and MQTT allow-lists are accepted \
+            (the writer then drops one source's observations as run-time conflicts)"]
+fn two_sources_claiming_the_same_device_ids_are_refused() {
+    let got = problems_of(&format!(
+        "{GATEWAY}[[sources.simulator]]\nname = \"a\"\n[[sources.simulator]]\nname = \"b\"\ndevices = 2\n"
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sources.simulator[1].device_prefix");
+    assert!(got[0].problem.contains("sources.simulator[0]"), "{got:?}");
+
+    let got = problems_of(&format!(
+        "{GATEWAY}[[sources.mqtt]]\nname = \"a\"\ndevices = [\"kitchen\"]\n[[sources.mqtt]]\nname = \"b\"\nbase_topic = \"z2\"\ndevices = [\"hall\", \"kitchen\"]\n"
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sources.mqtt[1].devices[1]");
+    assert!(got[0].problem.contains("sources.mqtt[0]"), "{got:?}");
+}
+
+// ---------------------------------------------------------------------- [[sources.simulator]]
+
+#[test]
+fn simulator_devices_must_be_between_1_and_100000() {
+    for v in [0, 100_001] {
+        assert_problems(
+            &sim(&format!("devices = {v}\n")),
+            &[(
+                "sources.simulator[0].devices",
+                "must be between 1 and 100000",
+            )],
+        );
+    }
+    assert_valid(&sim("devices = 100000\n"));
+}
+
+#[test]
+fn simulator_changes_per_sec_must_be_positive_and_at_most_1000000() {
+    for v in ["0.0", "-1.0", "1000000.5", "nan", "inf"] {
+        assert_problems(
+            &sim(&format!("changes_per_sec = {v}\n")),
+            &[(
+                "sources.simulator[0].changes_per_sec",
+                "must be greater than 0 and at most 1000000",
+            )],
+        );
+    }
+    assert_valid(&sim(
+        "changes_per_sec = 1000000.0\nseed = 9\ndevice_prefix = \"t-\"\nmax_observations = 20\n",
+    ));
+}
+
+// ---------------------------------------------------------------------- [[sinks.http]]
+
+#[test]
+fn sink_url_must_be_a_url() {
+    assert_problems(
+        &sink("not a url", ""),
+        &[(
+            "sinks.http[0].url",
+            "\"not a url\" is not a valid URL: relative URL without a base",
+        )],
+    );
+}
+
+#[test]
+fn sink_url_scheme_must_be_https_or_http() {
+    assert_problems(
+        &sink("ftp://ingest.example.com/x", ""),
+        &[(
+            "sinks.http[0].url",
+            "scheme \"ftp\" is not supported; use https://",
+        )],
+    );
+}
+
+#[test]
+fn plain_http_is_refused_for_non_loopback_hosts_even_when_allowed() {
+    for url in [
+        "http://ingest.example.com/v1/events",
+        "http://10.0.0.1/x",
+        "http://192.168.1.10:8080/x",
+        "http://localhost.example.com/x",
+        "http://[fe80::1]/x",
+    ] {
+        for allow in ["", "allow_insecure_http = true\n"] {
+            assert_problems(
+                &sink(url, allow),
+                &[(
+                    "sinks.http[0].url",
+                    "plain http:// is refused for non-loopback hosts; use https://",
+                )],
+            );
+        }
+    }
+}
+
+#[test]
+fn plain_http_to_loopback_needs_allow_insecure_http() {
+    for url in [
+        "http://127.0.0.1:8080/x",
+        "http://[::1]:8080/x",
+        "http://localhost/x",
+    ] {
+        assert_problems(
+            &sink(url, ""),
+            &[(
+                "sinks.http[0].url",
+                "plain http:// needs allow_insecure_http = true (accepted for loopback hosts only)",
+            )],
+        );
+        assert_problems(
+            &sink(url, "allow_insecure_http = false\n"),
+            &[(
+                "sinks.http[0].url",
+                "plain http:// needs allow_insecure_http = true (accepted for loopback hosts only)",
+            )],
+        );
+    }
+}
+
+#[test]
+fn plain_http_to_loopback_is_accepted_with_allow_insecure_http() {
+    for url in [
+        "http://127.0.0.1:8080/x",
+        "http://127.0.0.2/x",
+        "http://[::1]:8080/x",
+        "http://localhost/x",
+        "http://LOCALHOST:9/x",
+    ] {
+        assert_valid(&sink(url, "allow_insecure_http = true\n"));
+    }
+}
+
+#[test]
+fn allow_insecure_http_with_https_is_refused() {
+    assert_problems(
+        &https("allow_insecure_http = true\n"),
+        &[(
+            "sinks.http[0].allow_insecure_http",
+            "only meaningful with an http:// URL; remove it",
+        )],
+    );
+    assert_valid(&https("allow_insecure_http = false\n"));
+}
+
+#[test]
+#[ignore = "bug: credentials in the sink URL (https://user:password@host/) are accepted, i.e. a \
+            secret in the main config in clear, which architecture.md §7 forbids"]
+fn credentials_in_the_sink_url_are_refused() {
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        sink("https://user:s3cret@ingest.example.com/v1/events", "")
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sinks.http[0].url");
+    assert!(!got[0].problem.contains("s3cret"), "{got:?}");
+}
+
+#[test]
+fn sink_batch_max_events_must_be_between_1_and_10000() {
+    for v in [0, 10_001] {
+        assert_problems(
+            &https(&format!("batch_max_events = {v}\n")),
+            &[(
+                "sinks.http[0].batch_max_events",
+                "must be between 1 and 10000",
+            )],
+        );
+    }
+    assert_valid(&https("batch_max_events = 10000\n"));
+}
+
+#[test]
+fn sink_batch_max_bytes_must_be_between_1024_and_67108864() {
+    for v in [1023, 67_108_865] {
+        assert_problems(
+            &https(&format!("batch_max_bytes = {v}\n")),
+            &[(
+                "sinks.http[0].batch_max_bytes",
+                "must be between 1024 and 67108864",
+            )],
+        );
+    }
+    assert_valid(&https("batch_max_bytes = 1024\n"));
+}
+
+#[test]
+fn sink_request_timeout_ms_must_be_between_100_and_600000() {
+    for v in [99, 600_001] {
+        assert_problems(
+            &https(&format!("request_timeout_ms = {v}\n")),
+            &[(
+                "sinks.http[0].request_timeout_ms",
+                "must be between 100 and 600000",
+            )],
+        );
+    }
+    assert_valid(&https("request_timeout_ms = 100\n"));
+}
+
+#[test]
+fn sink_retry_schedule_must_list_waits_between_1_and_86400_secs() {
+    assert_problems(
+        &https("retry_schedule_secs = []\n"),
+        &[(
+            "sinks.http[0].retry_schedule_secs",
+            "must list at least one wait, e.g. [10, 30, 60, 300, 600]",
+        )],
+    );
+    for v in ["[10, 0]", "[86401]"] {
+        assert_problems(
+            &https(&format!("retry_schedule_secs = {v}\n")),
+            &[(
+                "sinks.http[0].retry_schedule_secs",
+                "every wait must be between 1 and 86400 seconds",
+            )],
+        );
+    }
+    assert_valid(&https("retry_schedule_secs = [1, 86400]\n"));
+}
+
+#[test]
+fn sink_ttl_secs_must_be_at_least_1() {
+    assert_problems(
+        &https("ttl_secs = 0\n"),
+        &[("sinks.http[0].ttl_secs", "must be at least 1")],
+    );
+    assert_valid(&https("ttl_secs = 1\n"));
+}
+
+#[test]
+fn sink_api_key_header_and_api_key_query_are_exclusive() {
+    assert_problems(
+        &https(&format!(
+            "api_key_header = \"X-Key\"\napi_key_query = \"key\"\napi_key_env = \"{SET_VAR}\"\n"
+        )),
+        &[(
+            "sinks.http[0].api_key_query",
+            "set api_key_header or api_key_query, not both",
+        )],
+    );
+}
+
+#[test]
+fn sink_api_key_header_must_be_a_header_name() {
+    assert_problems(
+        &https(&format!(
+            "api_key_header = \"Bad Header\"\napi_key_env = \"{SET_VAR}\"\n"
+        )),
+        &[(
+            "sinks.http[0].api_key_header",
+            "\"Bad Header\" is not a valid HTTP header name",
+        )],
+    );
+}
+
+#[test]
+fn sink_api_key_file_and_api_key_env_are_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "key", "k3y", 0o600);
+    assert_problems(
+        &https(&format!(
+            "api_key_header = \"X-Key\"\napi_key_file = {}\napi_key_env = \"{SET_VAR}\"\n",
+            toml_path(&f)
+        )),
+        &[(
+            "sinks.http[0].api_key_file",
+            "set api_key_file or api_key_env, not both",
+        )],
+    );
+}
+
+#[test]
+fn sink_api_key_place_needs_a_key() {
+    for place in ["api_key_header = \"X-Key\"\n", "api_key_query = \"key\"\n"] {
+        assert_problems(
+            &https(place),
+            &[(
+                "sinks.http[0].api_key_file",
+                "api_key_header/api_key_query is set but no api_key_file or api_key_env",
+            )],
+        );
+    }
+}
+
+#[test]
+fn sink_api_key_needs_a_place() {
+    assert_problems(
+        &https(&format!("api_key_env = \"{SET_VAR}\"\n")),
+        &[(
+            "sinks.http[0].api_key_header",
+            "an API key is configured but neither api_key_header nor api_key_query says where to send it",
+        )],
+    );
+    assert_valid(&https(&format!(
+        "api_key_query = \"key\"\napi_key_env = \"{SET_VAR}\"\n"
+    )));
+}
+
+#[test]
+fn sink_api_key_env_must_be_set() {
+    assert_problems(
+        &https(&format!(
+            "api_key_header = \"X-Key\"\napi_key_env = \"{UNSET_VAR}\"\n"
+        )),
+        &[(
+            "sinks.http[0].api_key_env",
+            &format!("environment variable {UNSET_VAR} is unset or empty"),
+        )],
+    );
+}
+
+#[test]
+#[ignore = "bug: an empty api_key_query is accepted and would send the key as `?=<key>`"]
+fn sink_api_key_query_must_not_be_empty() {
+    assert_problems(
+        &https(&format!(
+            "api_key_query = \"\"\napi_key_env = \"{SET_VAR}\"\n"
+        )),
+        &[("sinks.http[0].api_key_query", "must not be empty")],
+    );
+}
+
+#[test]
+fn sink_signing_secret_file_and_env_are_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "whsec", WHSEC, 0o600);
+    assert_problems(
+        &https(&format!(
+            "signing_secret_file = {}\nsigning_secret_env = \"{SET_VAR}\"\n",
+            toml_path(&f)
+        )),
+        &[(
+            "sinks.http[0].signing_secret_file",
+            "set signing_secret_file or signing_secret_env, not both",
+        )],
+    );
+}
+
+#[test]
+fn a_bad_whsec_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "whsec_not*base64!",
+            "not a usable whsec_ secret: webhook secret is not valid base64 (expected whsec_<base64>)",
+        ),
+        (
+            // 8 bytes decoded.
+            "whsec_AAAAAAAAAAA=",
+            "not a usable whsec_ secret: webhook secret is 8 bytes; at least 16 bytes are required",
+        ),
+        (
+            "whsec_\n",
+            "not a usable whsec_ secret: webhook secret is empty",
+        ),
+    ];
+    for (i, (content, want)) in cases.iter().enumerate() {
+        let f = secret_file(&dir, &format!("whsec-{i}"), content, 0o600);
+        assert_problems(
+            &https(&format!("signing_secret_file = {}\n", toml_path(&f))),
+            &[("sinks.http[0].signing_secret_file", want)],
+        );
+    }
+    // The secret itself never appears in the message.
+    let f = secret_file(&dir, "leak", "whsec_SECRETSECRET*", 0o600);
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        https(&format!("signing_secret_file = {}\n", toml_path(&f)))
+    ));
+    assert!(!got[0].problem.contains("SECRETSECRET"), "{got:?}");
+}
+
+#[test]
+fn a_bad_whsec_secret_from_the_environment_is_refused() {
+    // PATH is no whsec_ secret (not base64, or far too short).
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        https(&format!("signing_secret_env = \"{SET_VAR}\"\n"))
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sinks.http[0].signing_secret_env");
+    assert!(
+        got[0].problem.starts_with("not a usable whsec_ secret: "),
+        "{got:?}"
+    );
+    assert_problems(
+        &https(&format!("signing_secret_env = \"{UNSET_VAR}\"\n")),
+        &[(
+            "sinks.http[0].signing_secret_env",
+            &format!("environment variable {UNSET_VAR} is unset or empty"),
+        )],
+    );
+}
+
+#[test]
+fn a_good_whsec_secret_is_accepted_with_or_without_prefix_and_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, content) in [
+        WHSEC.to_string(),
+        format!("{WHSEC}\n"),
+        WHSEC.trim_start_matches("whsec_").to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let f = secret_file(&dir, &format!("ok-{i}"), content, 0o600);
+        assert_valid(&https(&format!(
+            "signing_secret_file = {}\n",
+            toml_path(&f)
+        )));
+    }
+}
+
+#[test]
+fn sink_api_version_must_be_a_non_empty_header_value() {
+    for v in ["", "1\\n"] {
+        assert_problems(
+            &https(&format!("api_version = \"{v}\"\n")),
+            &[(
+                "sinks.http[0].api_version",
+                "must be a non-empty header value",
+            )],
+        );
+    }
+    assert_valid(&https("api_version = \"2026-11-23\"\n"));
+}
+
+#[test]
+fn sink_from_is_oldest_or_now() {
+    assert_valid(&https("from = \"now\"\n"));
+    let msg = parse_error(&format!("{GATEWAY}{}", https("from = \"latest\"\n")));
+    assert!(
+        msg.contains("unknown variant `latest`, expected `oldest` or `now`"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------- secret files
+
+#[test]
+fn secret_files_readable_by_group_or_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o644, 0o640, 0o604, 0o660, 0o606] {
+        let f = secret_file(&dir, &format!("whsec-{mode:o}"), WHSEC, mode);
+        let want = format!(
+            "{} is readable by group or others (mode {mode:o}); run chmod 600 {}",
+            f.display(),
+            f.display()
+        );
+        assert_problems(
+            &https(&format!("signing_secret_file = {}\n", toml_path(&f))),
+            &[("sinks.http[0].signing_secret_file", &want)],
+        );
+    }
+    let key = secret_file(&dir, "api-key", "k3y", 0o644);
+    let pw = secret_file(&dir, "mqtt-pw", "pw", 0o644);
+    let mode_msg = |p: &Path| {
+        format!(
+            "{} is readable by group or others (mode 644); run chmod 600 {}",
+            p.display(),
+            p.display()
+        )
+    };
+    assert_problems(
+        &format!(
+            "{}{}",
+            mqtt(&format!(
+                "username = \"u\"\npassword_file = {}\n",
+                toml_path(&pw)
+            )),
+            https(&format!(
+                "api_key_header = \"X-Key\"\napi_key_file = {}\n",
+                toml_path(&key)
+            ))
+        ),
+        &[
+            ("sources.mqtt[0].password_file", &mode_msg(&pw)),
+            ("sinks.http[0].api_key_file", &mode_msg(&key)),
+        ],
+    );
+}
+
+#[test]
+fn secret_files_readable_by_their_owner_only_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o600, 0o400] {
+        let whsec = secret_file(&dir, &format!("whsec-{mode:o}"), WHSEC, mode);
+        let key = secret_file(&dir, &format!("key-{mode:o}"), "k3y\n", mode);
+        let pw = secret_file(&dir, &format!("pw-{mode:o}"), "pw", mode);
+        assert_valid(&format!(
+            "{}{}",
+            mqtt(&format!(
+                "username = \"u\"\npassword_file = {}\n",
+                toml_path(&pw)
+            )),
+            https(&format!(
+                "api_key_header = \"X-Key\"\napi_key_file = {}\nsigning_secret_file = {}\n",
+                toml_path(&key),
+                toml_path(&whsec)
+            ))
+        ));
+    }
+}
+
+#[test]
+fn a_missing_secret_file_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("absent");
+    assert_problems(
+        &https(&format!("signing_secret_file = {}\n", toml_path(&f))),
+        &[(
+            "sinks.http[0].signing_secret_file",
+            &format!(
+                "cannot read {}: No such file or directory (os error 2)",
+                f.display()
+            ),
+        )],
+    );
+}
+
+#[test]
+fn an_empty_secret_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "blank", " \n", 0o600);
+    assert_problems(
+        &https(&format!(
+            "api_key_header = \"X-Key\"\napi_key_file = {}\n",
+            toml_path(&f)
+        )),
+        &[(
+            "sinks.http[0].api_key_file",
+            &format!("{} is empty", f.display()),
+        )],
+    );
+}
+
+#[test]
+fn read_secret_file_trims_surrounding_whitespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "s", "  s3cret \n", 0o600);
+    assert_eq!(read_secret_file(&f), Ok("s3cret".to_string()));
+}
+
+// ---------------------------------------------------------------------- several problems
+
+#[test]
+fn every_problem_is_reported_at_once_in_key_order() {
+    let text = format!(
+        "[gateway]\nid = \"\"\n[pipeline]\nqueue_len = 0\n[log]\nlevel = \"loud\"\n{}{}",
+        mqtt("port = 0\nkeep_alive_secs = 1\n"),
+        sink("http://ingest.example.com/x", "ttl_secs = 0\n")
+    );
+    let want = vec![
+        problem("gateway.id", "must not be empty"),
+        problem("pipeline.queue_len", "must be between 1 and 1000000"),
+        problem(
+            "log.level",
+            "unknown level \"loud\"; use error, warn, info, debug or trace",
+        ),
+        problem("sources.mqtt[0].port", "must not be 0"),
+        problem(
+            "sources.mqtt[0].keep_alive_secs",
+            "must be between 5 and 3600",
+        ),
+        problem(
+            "sinks.http[0].url",
+            "plain http:// is refused for non-loopback hosts; use https://",
+        ),
+        problem("sinks.http[0].ttl_secs", "must be at least 1"),
+    ];
+    assert_eq!(problems_of(&text), want);
+    let err = parse(&text, Path::new("site.toml")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "site.toml is invalid (7 problems)\n\
+         \x20 gateway.id: must not be empty\n\
+         \x20 pipeline.queue_len: must be between 1 and 1000000\n\
+         \x20 log.level: unknown level \"loud\"; use error, warn, info, debug or trace\n\
+         \x20 sources.mqtt[0].port: must not be 0\n\
+         \x20 sources.mqtt[0].keep_alive_secs: must be between 5 and 3600\n\
+         \x20 sinks.http[0].url: plain http:// is refused for non-loopback hosts; use https://\n\
+         \x20 sinks.http[0].ttl_secs: must be at least 1"
+    );
+    match err {
+        LoadError::Invalid { path, problems } => {
+            assert_eq!(path, Path::new("site.toml"));
+            assert_eq!(problems, want);
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_single_problem_is_counted_in_the_singular() {
+    let err = parse("[gateway]\nid = \"\"\n", Path::new("a.toml")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a.toml is invalid (1 problem)\n  gateway.id: must not be empty"
+    );
+}
+
+#[test]
+fn load_names_an_unreadable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("missing.toml");
+    let err = load(&p).unwrap_err();
+    assert!(matches!(err, LoadError::Read { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot read {}: ", p.display())),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------- unknown keys
+
+#[test]
+fn unknown_top_level_key_is_rejected() {
+    assert_unknown_key("typo = 1\n[gateway]\nid = \"gw\"\n", "typo", 1);
+}
+
+#[test]
+fn unknown_key_in_gateway_is_rejected() {
+    assert_unknown_key("[gateway]\nid = \"gw\"\nname = \"x\"\n", "name", 3);
+}
+
+#[test]
+fn unknown_key_in_store_is_rejected() {
+    assert_unknown_key(&format!("{GATEWAY}[store]\nfile = \"x.db\"\n"), "file", 4);
+}
+
+#[test]
+fn unknown_key_in_pipeline_is_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}[pipeline]\nqueue_size = 10\n"),
+        "queue_size",
+        4,
+    );
+}
+
+#[test]
+fn unknown_key_in_diff_is_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}[diff]\ntemperature_deadband_c = 0.5\n"),
+        "temperature_deadband_c",
+        4,
+    );
+}
+
+#[test]
+fn unknown_key_in_log_is_rejected() {
+    assert_unknown_key(&format!("{GATEWAY}[log]\nlevels = \"info\"\n"), "levels", 4);
+}
+
+#[test]
+fn unknown_key_in_devices_is_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}[[devices]]\nid = \"a\"\nplant_id = \"p\"\n"),
+        "plant_id",
+        5,
+    );
+}
+
+#[test]
+fn unknown_key_in_sources_mqtt_is_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}{}", mqtt("port = 1883\npasword_file = \"/x\"\n")),
+        "pasword_file",
+        6,
+    );
+}
+
+#[test]
+fn unknown_key_in_sources_mqtt_mapping_is_rejected() {
+    assert_unknown_key(
+        &format!(
+            "{GATEWAY}{}",
+            generic(
+                TOPICS,
+                "[sources.mqtt.mapping]\ndevice = \"/id\"\nunits = \"C\"\n"
+            )
+        ),
+        "units",
+        9,
+    );
+}
+
+#[test]
+fn unknown_key_in_sources_simulator_is_rejected() {
+    assert_unknown_key(&format!("{GATEWAY}{}", sim("rate = 2.0\n")), "rate", 5);
+}
+
+#[test]
+fn unknown_key_in_sinks_http_is_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}{}", https("timeout_ms = 100\n")),
+        "timeout_ms",
+        6,
+    );
+}
+
+#[test]
+fn source_and_sink_kinds_of_later_releases_are_rejected() {
+    assert_unknown_key(
+        &format!("{GATEWAY}[[sources.otgw]]\nname = \"boiler\"\n"),
+        "otgw",
+        3,
+    );
+    assert_unknown_key(
+        &format!("{GATEWAY}[[sinks.webhook]]\nname = \"portal\"\n"),
+        "webhook",
+        3,
+    );
+    assert_unknown_key(
+        &format!("{GATEWAY}[metrics]\nlisten = \"127.0.0.1:9464\"\n"),
+        "metrics",
+        3,
+    );
+}
+
+// ---------------------------------------------------------------------- wrong types
+
+#[test]
+fn wrong_types_are_rejected_with_the_line() {
+    let cases: [(String, usize, &str); 7] = [
+        (
+            mqtt("port = \"1883\"\n"),
+            5,
+            "invalid type: string \"1883\", expected u16",
+        ),
+        (
+            mqtt("port = 70000\n"),
+            5,
+            "invalid value: integer `70000`, expected u16",
+        ),
+        (
+            "[pipeline]\nqueue_len = -1\n".into(),
+            4,
+            "invalid value: integer `-1`, expected usize",
+        ),
+        (
+            https("allow_insecure_http = \"yes\"\n"),
+            6,
+            "invalid type: string \"yes\", expected a boolean",
+        ),
+        (
+            https("retry_schedule_secs = [10, \"x\"]\n"),
+            6,
+            "invalid type: string \"x\", expected u64",
+        ),
+        (
+            mqtt("topics = \"a/+\"\n"),
+            5,
+            "invalid type: string \"a/+\", expected a sequence",
+        ),
+        (
+            "[[devices]]\nid = 5\n".into(),
+            4,
+            "invalid type: integer `5`, expected a string",
+        ),
+    ];
+    for (body, line, want) in cases {
+        let msg = parse_error(&format!("{GATEWAY}{body}"));
+        assert!(msg.contains(&format!("at line {line},")), "{msg}");
+        assert!(msg.contains(want), "{msg}");
+    }
+}
+
+#[test]
+fn integers_are_accepted_where_a_decimal_is_expected() {
+    assert_valid("[diff]\ntemperature_deadband = 1\nhumidity_deadband = 2\n");
+}
+
+// ---------------------------------------------------------------------- shipped configs
+
+/// Uncomments the optional `# key = value` lines and commented-out tables of the reference
+/// config (prose comments and the `#   alternative = …` lines stay comments) and points the
+/// secret files at owner-only files in `dir`.
+fn reference_with_optional_lines(dir: &tempfile::TempDir) -> String {
+    secret_file(dir, "mqtt-password", "s3cret\n", 0o600);
+    secret_file(dir, "upstream-api-key", "k3y\n", 0o600);
+    secret_file(dir, "upstream-whsec", WHSEC, 0o600);
+    let is_key_line = |rest: &str| {
+        rest.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+    };
+    let is_table = |rest: &str| rest.starts_with('[') && rest.ends_with(']') && !rest.contains(' ');
+    REFERENCE_TOML
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if is_key_line(rest) || is_table(rest) || rest.starts_with("# ") => {
+                rest.to_string()
+            }
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "/etc/hvac-edge/secrets/",
+            &format!("{}/", dir.path().display()),
+        )
+}
+
+#[test]
+fn the_reference_config_is_valid_as_shipped() {
+    let c = parse(REFERENCE_TOML, Path::new("config/hvac-edge.toml")).unwrap();
+    assert_eq!(c.gateway.id, "gw-0042");
+    assert_eq!(c.sources.mqtt.len(), 2);
+    assert_eq!(c.sources.mqtt[0].preset, MqttPreset::Zigbee2mqtt);
+    assert_eq!(c.sources.mqtt[1].preset, MqttPreset::Generic);
+    assert!(
+        c.sources.simulator.is_empty(),
+        "no invented data by default"
+    );
+    assert_eq!(c.sinks.http.len(), 1);
+    let h = &c.sinks.http[0];
+    assert!(h.signing_secret_file.is_none() && h.api_key_file.is_none());
+}
+
+#[test]
+fn the_reference_config_states_the_code_defaults() {
+    let reference = parse(REFERENCE_TOML, Path::new("config/hvac-edge.toml")).unwrap();
+    let defaults = parse(
+        &format!(
+            "{GATEWAY}{}{}",
+            mqtt(""),
+            sink("https://ingest.example.com/v1/events", "")
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    assert_eq!(dbg(&reference.store), dbg(&defaults.store));
+    assert_eq!(dbg(&reference.pipeline), dbg(&defaults.pipeline));
+    assert_eq!(dbg(&reference.diff), dbg(&defaults.diff));
+    assert_eq!(dbg(&reference.log), dbg(&defaults.log));
+    let mut z2m = reference.sources.mqtt[0].clone();
+    assert_eq!(z2m.effective_client_id(), "hvac-edge-z2m");
+    z2m.client_id = None;
+    assert_eq!(dbg(&z2m), dbg(&defaults.sources.mqtt[0]));
+    let mut up = reference.sinks.http[0].clone();
+    up.name = "up".into();
+    assert_eq!(dbg(&up), dbg(&defaults.sinks.http[0]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let full = parse(&reference_with_optional_lines(&dir), Path::new("t.toml")).unwrap();
+    let sim_defaults = parse(&format!("{GATEWAY}{}", sim("")), Path::new("t.toml")).unwrap();
+    assert_eq!(
+        dbg(&full.sources.simulator[0]),
+        dbg(&sim_defaults.sources.simulator[0])
+    );
+}
+
+#[test]
+fn the_reference_config_is_valid_with_its_optional_lines_uncommented() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = reference_with_optional_lines(&dir);
+    let c = parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}\n--\n{text}"));
+    assert_eq!(c.sources.mqtt[0].username.as_deref(), Some("hvac-edge"));
+    assert_eq!(
+        c.sources.mqtt[0].password_file.as_deref(),
+        Some(dir.path().join("mqtt-password").as_path())
+    );
+    assert_eq!(c.sources.simulator.len(), 1);
+    let h = &c.sinks.http[0];
+    assert_eq!(
+        h.api_key_header.as_deref(),
+        Some("Ocp-Apim-Subscription-Key")
+    );
+    assert!(h.api_key_file.is_some() && h.signing_secret_file.is_some());
+    assert!(h.api_key_query.is_none() && h.api_key_env.is_none() && h.signing_secret_env.is_none());
+}
+
+/// The keys serde accepts in a section, read from its "unknown field" error.
+fn accepted_keys(section_text: &str) -> Vec<String> {
+    let msg = parse_error(section_text);
+    let expected = msg
+        .split_once("expected ")
+        .map(|(_, e)| e.to_string())
+        .unwrap_or_else(|| panic!("no key list in: {msg}"));
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_reference_config_mentions_every_accepted_key() {
+    let probe = "zz_probe = 1\n";
+    let sections = [
+        ("gateway", format!("[gateway]\nid = \"g\"\n{probe}")),
+        ("store", format!("{GATEWAY}[store]\n{probe}")),
+        ("pipeline", format!("{GATEWAY}[pipeline]\n{probe}")),
+        ("diff", format!("{GATEWAY}[diff]\n{probe}")),
+        ("log", format!("{GATEWAY}[log]\n{probe}")),
+        (
+            "devices",
+            format!("{GATEWAY}[[devices]]\nid = \"a\"\n{probe}"),
+        ),
+        ("sources.mqtt", format!("{GATEWAY}{}", mqtt(probe))),
+        (
+            "sources.mqtt.mapping",
+            format!(
+                "{GATEWAY}{}",
+                generic(
+                    TOPICS,
+                    &format!("[sources.mqtt.mapping]\ndevice = \"/id\"\n{probe}")
+                )
+            ),
+        ),
+        ("sources.simulator", format!("{GATEWAY}{}", sim(probe))),
+        ("sinks.http", format!("{GATEWAY}{}", https(probe))),
+    ];
+    let lines: Vec<&str> = REFERENCE_TOML
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .collect();
+    for (section, text) in sections {
+        let keys = accepted_keys(&text);
+        assert!(keys.len() >= 2, "{section}: {keys:?}");
+        for key in keys {
+            let as_value = format!("{key} =");
+            let as_table = format!("[{section}.{key}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&as_value) || l.starts_with(&as_table)),
+                "config/hvac-edge.toml does not mention {section}.{key}"
+            );
+        }
+    }
 }
 
 #[test]
 fn the_embedded_demo_config_parses() {
     let _: Config = toml::from_str(DEMO_TOML).unwrap();
+}
+
+#[test]
+fn the_demo_config_is_valid_once_its_secret_is_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "whsec", WHSEC, 0o600);
+    let text = DEMO_TOML.replace("\"replaced-by-the-demo\"", &toml_path(&f));
+    let c = parse(&text, Path::new("config/demo.toml")).unwrap();
+    assert_eq!(c.sources.simulator.len(), 1);
+    assert!(c.sinks.http[0].allow_insecure_http);
+    // And the way `hvac-edge demo` itself fills it in.
+    let c = crate::demo::demo_config(dir.path(), "http://127.0.0.1:9/v1/events", WHSEC).unwrap();
+    assert_eq!(c.store.path, dir.path().join("hvac-edge-demo.db"));
+}
+
+#[test]
+fn the_generic_esphome_example_is_valid() {
+    let c = parse(
+        ESPHOME_EXAMPLE_TOML,
+        Path::new("config/examples/generic-esphome.toml"),
+    )
+    .unwrap();
+    let m = &c.sources.mqtt[0];
+    assert_eq!(m.preset, MqttPreset::Generic);
+    let mapping =
+        crate::sources::payload::Mapping::compile(&m.mapping.as_ref().unwrap().spec()).unwrap();
+    let (device, reported) = mapping
+        .map(
+            "home/living-room/climate/state",
+            br#"{"mode":"heat_cool","target_temperature":21.5,"current_temperature":"20.1","current_humidity":45,"action":"preheating"}"#,
+        )
+        .unwrap();
+    assert_eq!(device, "living-room");
+    assert_eq!(reported.mode, Some(crate::model::Mode::Manual));
+    assert_eq!(reported.load_state, Some(crate::model::LoadState::Active));
+    assert_eq!(
+        mapping.availability_device("home/living-room/status"),
+        Some("living-room".to_string())
+    );
 }

@@ -22,8 +22,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A config fixture, relative to [`root`] (the commands run there), as a technician types it.
 fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures/config").join(name)
+    Path::new("tests/fixtures/config").join(name)
 }
 
 /// Runs the binary to completion (never inheriting a systemd notify socket or RUST_LOG).
