@@ -555,11 +555,14 @@ impl Config {
         let mut p = Problems(Vec::new());
         if self.gateway.id.trim().is_empty() {
             p.add("gateway.id", "must not be empty");
-        } else if self.gateway.id.len() > 128 {
+        } else if self.gateway.id.chars().count() > 128 {
             p.add("gateway.id", "must be at most 128 characters");
         }
         if self.store.path.as_os_str().is_empty() {
             p.add("store.path", "must not be empty");
+        }
+        if !(100..=600_000).contains(&self.store.busy_timeout_ms) {
+            p.add("store.busy_timeout_ms", "must be between 100 and 600000");
         }
         if self.store.max_bytes != 0 && self.store.max_bytes < 1024 * 1024 {
             p.add(
@@ -579,6 +582,12 @@ impl Config {
         }
         if pl.snapshot_interval_secs == 0 {
             p.add("pipeline.snapshot_interval_secs", "must be at least 1");
+        }
+        if !(1..=25).contains(&pl.shutdown_grace_secs) {
+            p.add(
+                "pipeline.shutdown_grace_secs",
+                "must be between 1 and 25 (below the systemd unit's TimeoutStopSec=30)",
+            );
         }
         if pl.checkpoint_interval_secs == 0 {
             p.add("pipeline.checkpoint_interval_secs", "must be at least 1");
@@ -616,9 +625,35 @@ impl Config {
 
     fn validate_sources(&self, p: &mut Problems) {
         let mut names: HashMap<&str, String> = HashMap::new();
+        let mut client_ids: HashMap<(String, u16, String), String> = HashMap::new();
+        let mut claimed: HashMap<&str, String> = HashMap::new();
         for (i, s) in self.sources.mqtt.iter().enumerate() {
             let k = format!("sources.mqtt[{i}]");
             unique_name(p, &mut names, &k, &s.name);
+            let id = s.effective_client_id();
+            match client_ids.entry((s.host.to_ascii_lowercase(), s.port, id.clone())) {
+                std::collections::hash_map::Entry::Occupied(o) => p.add(
+                    format!("{k}.client_id"),
+                    format!("{id:?} is already used by {} on the same broker; each source needs its own client id", o.get()),
+                ),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(k.clone());
+                }
+            }
+            for (j, d) in s.devices.iter().enumerate() {
+                if let Some(prev) = claimed.get(d.as_str()) {
+                    if *prev != k {
+                        p.add(
+                            format!("{k}.devices[{j}]"),
+                            format!(
+                                "{d:?} is also claimed by {prev}; a device id belongs to one source"
+                            ),
+                        );
+                    }
+                } else {
+                    claimed.insert(d, k.clone());
+                }
+            }
             if s.host.trim().is_empty() {
                 p.add(format!("{k}.host"), "must not be empty");
             }
@@ -714,9 +749,21 @@ impl Config {
                 }
             }
         }
+        let mut prefixes: HashMap<&str, String> = HashMap::new();
         for (i, s) in self.sources.simulator.iter().enumerate() {
             let k = format!("sources.simulator[{i}]");
             unique_name(p, &mut names, &k, &s.name);
+            if let Some(prev) = prefixes.get(s.device_prefix.as_str()) {
+                p.add(
+                    format!("{k}.device_prefix"),
+                    format!(
+                        "{:?} is also used by {prev}; their device ids would collide",
+                        s.device_prefix
+                    ),
+                );
+            } else {
+                prefixes.insert(&s.device_prefix, k.clone());
+            }
             if !(1..=100_000).contains(&s.devices) {
                 p.add(format!("{k}.devices"), "must be between 1 and 100000");
             }
@@ -738,6 +785,10 @@ impl Config {
                 Err(e) => p.add(
                     format!("{k}.url"),
                     format!("{:?} is not a valid URL: {e}", s.url),
+                ),
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => p.add(
+                    format!("{k}.url"),
+                    "must not contain credentials; put the key in api_key_file or api_key_env",
                 ),
                 Ok(u) => match u.scheme() {
                     "https" => {
@@ -796,6 +847,9 @@ impl Config {
             }
             if s.ttl_secs == 0 {
                 p.add(format!("{k}.ttl_secs"), "must be at least 1");
+            }
+            if s.api_key_query.as_deref().is_some_and(str::is_empty) {
+                p.add(format!("{k}.api_key_query"), "must not be empty");
             }
             if s.api_key_header.is_some() && s.api_key_query.is_some() {
                 p.add(
@@ -974,7 +1028,7 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(format!(
-            "{} is readable by group or others (mode {:o}); run chmod 600 {}",
+            "{} is accessible by group or others (mode {:o}); run chmod 600 {}",
             path.display(),
             mode & 0o777,
             path.display()

@@ -186,7 +186,7 @@ fn check_config_refuses_a_secret_file_readable_by_others() {
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "\n  sinks.http[0].signing_secret_file: {} is readable by group or others (mode 644)",
+            "\n  sinks.http[0].signing_secret_file: {} is accessible by group or others (mode 644)",
             secret.display()
         )),
         "{stderr}"
