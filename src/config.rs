@@ -118,7 +118,7 @@ pub struct PipelineConfig {
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
     /// How long the writer lingers after the first waiting observation to gather a batch.
-    /// Trades latency for fewer fsyncs and bytes written per event. Default 10; 0 = commit at once.
+    /// Trades latency for fewer fsyncs and bytes written per event. Default 25; 0 = commit at once.
     #[serde(default = "default_commit_delay_ms")]
     pub commit_delay_ms: u64,
     /// Periodic self-healing snapshot, only for devices changed since their last one. Default 900.
@@ -373,7 +373,7 @@ const fn default_batch_max() -> usize {
     256
 }
 const fn default_commit_delay_ms() -> u64 {
-    10
+    25
 }
 const fn default_snapshot_interval_secs() -> u64 {
     900

@@ -135,7 +135,7 @@ fn a_minimal_config_gets_every_default() {
     assert_eq!(c.store.busy_timeout_ms, 5000);
     assert_eq!(c.pipeline.queue_len, 1024);
     assert_eq!(c.pipeline.batch_max, 256);
-    assert_eq!(c.pipeline.commit_delay_ms, 10);
+    assert_eq!(c.pipeline.commit_delay_ms, 25);
     assert_eq!(c.pipeline.snapshot_interval_secs, 900);
     assert_eq!(c.pipeline.checkpoint_interval_secs, 30);
     assert_eq!(c.pipeline.shutdown_grace_secs, 10);

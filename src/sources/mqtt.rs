@@ -146,8 +146,11 @@ impl MqttSource {
     ) -> Result<(), Error> {
         let opts = self.options()?;
         let name = self.cfg.name.clone();
-        // Big enough that try_ack from the writer never finds it full (acks ≤ broker in-flight window).
-        let cap = usize::from(self.cfg.max_inflight) * 2 + 64;
+        // Requests are acks (plus a few subscriptions). Unacked messages of one session have
+        // distinct packet ids, so there are never more than 65535 of them: with this capacity
+        // `try_ack` from the writer can never find the channel full (no fallback tasks, no
+        // unbounded memory under bursts).
+        let cap = usize::from(u16::MAX) + 64;
         let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(opts, cap);
         let mut backoff = Backoff::new(
             Duration::from_millis(self.cfg.reconnect_min_ms),

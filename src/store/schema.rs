@@ -9,7 +9,10 @@
 //! - `events`: the append-only outbox; `pos` is commit order and what sink cursors point at.
 //! - `sinks`: one row per sink: cursor and delivery status. Written only by that sink (and the CLI).
 //! - `dead_letters`: events a sink gave up on, with the reason; never deleted silently.
-//! - `mqtt_recent`: (pkid, digest) of recently committed MQTT messages, to drop stale redeliveries.
+//! - MQTT receipts ((pkid, digest) of committed messages, to drop stale redeliveries) are stored on
+//!   the last event row of their commit (`events.receipts`: no extra page per commit), or in
+//!   `mqtt_recent` when a commit produced no event, and when garbage collection deletes the
+//!   event that carried them.
 //! - `meta`: counters and markers (`checkpoint_pos`, `evicted_events`).
 
 /// Migrations in order; index + 1 is the `user_version` after it ran.
@@ -31,7 +34,8 @@ CREATE TABLE events (
     seq INTEGER NOT NULL,
     type TEXT NOT NULL,
     observed_at INTEGER NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    receipts BLOB
 );
 CREATE TABLE sinks (
     name TEXT PRIMARY KEY,
@@ -64,8 +68,7 @@ CREATE TABLE dead_letters (
 CREATE INDEX dead_letters_by_sink ON dead_letters (sink, id);
 CREATE TABLE mqtt_recent (
     id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL,
-    entries BLOB NOT NULL
+    receipts BLOB NOT NULL
 );
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,

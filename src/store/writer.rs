@@ -70,6 +70,8 @@ pub struct WriterStats {
 const RECENT_MAX: usize = 4096;
 /// `mqtt_recent` rows kept (one per commit that carried MQTT messages).
 const RECENT_ROWS_KEEP: i64 = 1024;
+/// Receipts on events older than this many positions are not carried over when GC deletes them.
+const RECEIPT_EVENTS_KEEP: i64 = 20_000;
 /// Events deleted per GC statement, to keep each housekeeping transaction short.
 const GC_CHUNK: i64 = 5000;
 
@@ -212,20 +214,19 @@ impl Writer {
             Ordering::Relaxed,
         );
         let mut recent: HashMap<String, RecentSet> = HashMap::new();
-        {
-            let mut st = conn
-                .prepare("SELECT source, entries FROM mqtt_recent ORDER BY id")
-                .map_err(&c)?;
+        for sql in [
+            "SELECT receipts FROM mqtt_recent ORDER BY id",
+            "SELECT receipts FROM events WHERE receipts IS NOT NULL ORDER BY pos",
+        ] {
+            let mut st = conn.prepare(sql).map_err(&c)?;
             let mut rows = st.query([]).map_err(&c)?;
             while let Some(r) = rows.next().map_err(&c)? {
-                let source: String = r.get(0).map_err(&c)?;
-                let blob: Vec<u8> = r.get(1).map_err(&c)?;
-                let set = recent.entry(source).or_default();
-                for e in blob.chunks_exact(10) {
-                    let pkid = u16::from_be_bytes([e[0], e[1]]);
-                    let mut d = [0u8; 8];
-                    d.copy_from_slice(&e[2..10]);
-                    set.insert((pkid, u64::from_be_bytes(d)));
+                let blob: Vec<u8> = r.get(0).map_err(&c)?;
+                for (source, entries) in decode_receipts(&blob) {
+                    let set = recent.entry(source).or_default();
+                    for k in entries {
+                        set.insert(k);
+                    }
                 }
             }
         }
@@ -451,17 +452,23 @@ impl Writer {
                 staged.insert(obs.device.clone(), rec);
             }
         }
-        for (source, entries) in &new_recent {
-            let mut blob = Vec::with_capacity(entries.len() * 10);
-            for (pkid, d) in entries {
-                blob.extend_from_slice(&pkid.to_be_bytes());
-                blob.extend_from_slice(&d.to_be_bytes());
+        if !new_recent.is_empty() {
+            // On the last event row when there is one: that page is written anyway, so the
+            // duplicate filter costs no extra page per commit (bytes written per event).
+            let blob = encode_receipts(&new_recent);
+            if events_added > 0 {
+                tx.execute(
+                    "UPDATE events SET receipts = ?1 WHERE pos = ?2",
+                    params![blob, pos],
+                )
+                .map_err(&c)?;
+            } else {
+                tx.execute(
+                    "INSERT INTO mqtt_recent (receipts) VALUES (?1)",
+                    params![blob],
+                )
+                .map_err(&c)?;
             }
-            tx.execute(
-                "INSERT INTO mqtt_recent (source, entries) VALUES (?1, ?2)",
-                params![source, blob],
-            )
-            .map_err(&c)?;
         }
         tx.commit().map_err(&c)?;
         // Committed: now, and only now, the cache moves forward and the sources are acked.
@@ -641,6 +648,18 @@ impl Writer {
         if bound <= self.last_gc_bound {
             return Ok(());
         }
+        // Receipts riding on events about to go are still needed if those messages are
+        // redelivered: keep the recent ones in `mqtt_recent`.
+        self.conn
+            .execute(
+                "INSERT INTO mqtt_recent (receipts)
+                 SELECT receipts FROM events
+                 WHERE pos IN (SELECT pos FROM events WHERE pos <= ?1 ORDER BY pos LIMIT ?2)
+                   AND receipts IS NOT NULL AND pos > ?3
+                 ORDER BY pos",
+                params![bound, GC_CHUNK, self.last_pos - RECEIPT_EVENTS_KEEP],
+            )
+            .map_err(&c)?;
         let n = self
             .conn
             .execute(
@@ -752,6 +771,52 @@ impl Writer {
     }
 }
 
+/// Encodes receipts: per source, `[name len u8][name][count u32][count × (pkid u16, digest u64)]`,
+/// all big-endian.
+fn encode_receipts(r: &HashMap<String, Vec<(u16, u64)>>) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (source, entries) in r {
+        let name = &source.as_bytes()[..source.len().min(255)];
+        b.push(name.len() as u8);
+        b.extend_from_slice(name);
+        b.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for (pkid, d) in entries {
+            b.extend_from_slice(&pkid.to_be_bytes());
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+    }
+    b
+}
+
+/// Decodes [`encode_receipts`]; a truncated blob yields what could be read.
+fn decode_receipts(mut b: &[u8]) -> Vec<(String, Vec<(u16, u64)>)> {
+    let mut out = Vec::new();
+    while let Some((&n, rest)) = b.split_first() {
+        let n = usize::from(n);
+        if rest.len() < n + 4 {
+            break;
+        }
+        let name = String::from_utf8_lossy(&rest[..n]).into_owned();
+        let count = u32::from_be_bytes([rest[n], rest[n + 1], rest[n + 2], rest[n + 3]]) as usize;
+        let body = &rest[n + 4..];
+        let take = count.min(body.len() / 10);
+        let entries = body[..take * 10]
+            .chunks_exact(10)
+            .map(|e| {
+                let mut d = [0u8; 8];
+                d.copy_from_slice(&e[2..10]);
+                (u16::from_be_bytes([e[0], e[1]]), u64::from_be_bytes(d))
+            })
+            .collect();
+        out.push((name, entries));
+        b = &body[take * 10..];
+        if take < count {
+            break;
+        }
+    }
+    out
+}
+
 /// Builds `(id, payload JSON)` of one event.
 fn envelope(
     s: &WriterSettings,
@@ -801,5 +866,30 @@ pub fn clock_state() -> ClockState {
         ClockState::Unsynced
     } else {
         ClockState::Synced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_round_trip_and_a_truncated_blob_does_not_panic() {
+        let mut r = HashMap::new();
+        r.insert("z2m".to_string(), vec![(1u16, 42u64), (65535, u64::MAX)]);
+        r.insert("esphome".to_string(), vec![(7, 7)]);
+        let b = encode_receipts(&r);
+        let mut back: Vec<_> = decode_receipts(&b);
+        back.sort();
+        assert_eq!(
+            back,
+            vec![
+                ("esphome".into(), vec![(7, 7)]),
+                ("z2m".into(), vec![(1, 42), (65535, u64::MAX)])
+            ]
+        );
+        for cut in 0..b.len() {
+            let _ = decode_receipts(&b[..cut]);
+        }
     }
 }

@@ -9,10 +9,10 @@ mod harness;
 mod bad_input;
 /// The CLI: check-config, queue stats.
 mod cli;
-/// Signatures checked by the reference Standard Webhooks library.
-mod interop;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
+/// Signatures checked by the reference Standard Webhooks library.
+mod interop;
 /// Receiver down while events are produced, then up.
 mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
