@@ -232,9 +232,6 @@ pub struct MqttSourceConfig {
     /// MQTT keep-alive. Default 30.
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u64,
-    /// Messages the broker may send before we ack; keep ≤ the broker's `max_inflight_messages`. Default 1000.
-    #[serde(default = "default_mqtt_inflight")]
-    pub max_inflight: u16,
     /// Reconnect backoff bounds. Defaults 1000 and 30000.
     #[serde(default = "default_reconnect_min_ms")]
     pub reconnect_min_ms: u64,
@@ -407,9 +404,6 @@ const fn default_max_payload_bytes() -> usize {
 }
 const fn default_keep_alive_secs() -> u64 {
     30
-}
-const fn default_mqtt_inflight() -> u16 {
-    1000
 }
 const fn default_reconnect_min_ms() -> u64 {
     1000
@@ -689,9 +683,6 @@ impl Config {
             }
             if !(5..=3600).contains(&s.keep_alive_secs) {
                 p.add(format!("{k}.keep_alive_secs"), "must be between 5 and 3600");
-            }
-            if s.max_inflight == 0 {
-                p.add(format!("{k}.max_inflight"), "must be at least 1");
             }
             if s.reconnect_min_ms == 0 || s.reconnect_min_ms > s.reconnect_max_ms {
                 p.add(

@@ -108,6 +108,9 @@ pub async fn run(
     let sources = TaskTracker::new();
     let sinks = TaskTracker::new();
     let mut source_stats = Vec::new();
+    // A sink or source that stops on its own (store error, panic, bad secret) stops the daemon:
+    // exit 1 and let systemd restart it, rather than run on without delivering (style.md §2.4).
+    let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(16);
 
     for s in cfg.sinks.http.clone() {
         let name = s.name.clone();
@@ -119,10 +122,14 @@ pub async fn run(
             committed_rx.clone(),
             sinks_token.clone(),
         );
+        let fail = fail_tx.clone();
         sinks.spawn(async move {
-            if let Err(e) = sink.run(db, opts, rx, tok).await {
-                tracing::error!(sink = %name, error = %e, "Sink stopped on a store error");
-            }
+            let res = match tokio::spawn(sink.run(db, opts, rx, tok)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
+            };
+            let _ = fail.send(res.context(format!("sink {name} stopped"))).await;
         });
     }
     for s in cfg.sources.mqtt.clone() {
@@ -132,10 +139,16 @@ pub async fn run(
         let src =
             MqttSource::new(s, stats).with_context(|| format!("cannot start source {name}"))?;
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        let fail = fail_tx.clone();
         sources.spawn(async move {
-            if let Err(e) = src.run(tx, tok).await {
-                tracing::error!(source = %name, error = %e, "Source stopped");
-            }
+            let res = match tokio::spawn(src.run(tx, tok)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
+            };
+            let _ = fail
+                .send(res.context(format!("source {name} stopped")))
+                .await;
         });
     }
     for s in cfg.sources.simulator.clone() {
@@ -177,10 +190,15 @@ pub async fn run(
 
     let mut fatal: Option<anyhow::Error> = None;
     let mut writer_result = None;
+    drop(fail_tx);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut writer_done_rx => {
             writer_result = Some(r);
+        }
+        Some(e) = fail_rx.recv() => {
+            tracing::error!(error = format!("{e:#}"), "A component stopped; shutting down so that systemd restarts the daemon");
+            fatal = Some(e);
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -193,8 +211,12 @@ pub async fn run(
     };
     match writer_result {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => fatal = Some(anyhow::Error::new(e).context("the writer failed")),
-        Err(_) => fatal = Some(anyhow::anyhow!("the writer thread ended unexpectedly")),
+        Ok(Err(e)) => fatal = fatal.or(Some(anyhow::Error::new(e).context("the writer failed"))),
+        Err(_) => {
+            fatal = fatal.or(Some(anyhow::anyhow!(
+                "the writer thread ended unexpectedly"
+            )))
+        }
     }
     sinks_token.cancel();
     let grace = Duration::from_secs(cfg.pipeline.shutdown_grace_secs);

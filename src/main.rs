@@ -76,10 +76,9 @@ fn run_daemon(path: &std::path::Path) -> i32 {
             telemetry::init("info", config::LogFormat::Plain);
             tracing::error!("{e}");
             eprintln!("error: {e}");
-            return match e {
-                config::LoadError::Read { .. } => 1,
-                _ => cli::EXIT_CONFIG,
-            };
+            // Unreadable or invalid, it is a configuration problem: 78, which the unit does not
+            // restart in a loop.
+            return cli::EXIT_CONFIG;
         }
     };
     telemetry::init(&cfg.log.level, cfg.log.format);

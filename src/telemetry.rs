@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// 2024-01-01T00:00:00Z: a gateway clock before this has not been set (no RTC, no NTP yet).
+pub const CLOCK_SANE_MIN_MS: i64 = 1_704_067_200_000;
+
 /// Milliseconds since the Unix epoch on the gateway clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -40,7 +40,7 @@ pub fn write_config(
     let source = match feed {
         Feed::Mqtt { port, base_topic } => format!(
             "[[sources.mqtt]]\nname = \"z2m\"\nhost = \"127.0.0.1\"\nport = {port}\n\
-             preset = \"zigbee2mqtt\"\nbase_topic = \"{base_topic}\"\nmax_inflight = 1000\n"
+             preset = \"zigbee2mqtt\"\nbase_topic = \"{base_topic}\"\n"
         ),
         Feed::Simulator {
             devices,

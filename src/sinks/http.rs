@@ -100,6 +100,11 @@ impl HttpTransport {
         })
     }
 
+    /// Bytes the body adds around the events (`{"gateway":…,"events":[` … `]}`).
+    pub fn wrapper_bytes(&self) -> usize {
+        self.gateway_json.len() + 24
+    }
+
     /// Builds the request body from stored envelopes (no re-serialisation).
     pub fn body(&self, events: &[StoredEvent]) -> Vec<u8> {
         let len: usize = events.iter().map(|e| e.payload.len() + 1).sum::<usize>()

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// `last_error` while deliveries wait for the clock.
+const CLOCK_NOT_SET: &str = "gateway clock not set (before 2024); deliveries held";
+
 /// How often delivered progress is persisted while events flow.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 
@@ -103,8 +106,26 @@ impl HttpSink {
                     }
                 }
             }
+            // A gateway without RTC boots with its clock in the past: signatures would carry a
+            // timestamp receivers reject, and ages would be wrong. Hold deliveries until it is set.
+            if crate::telemetry::now_ms() < crate::telemetry::CLOCK_SANE_MIN_MS {
+                if st.row.last_error.as_deref() != Some(CLOCK_NOT_SET) {
+                    tracing::warn!(sink = %name, "Gateway clock is not set (before 2024); holding deliveries until it is");
+                }
+                st.row.last_error = Some(CLOCK_NOT_SET.to_string());
+                st.row.next_attempt_at = Some(crate::telemetry::now_ms() + 10_000);
+                st.dirty = true;
+                st.flush(false).await?;
+                continue;
+            }
             let cursor = st.row.cursor;
-            let (max_n, max_b) = (self.cfg.batch_max_events, self.cfg.batch_max_bytes);
+            let (max_n, max_b) = (
+                self.cfg.batch_max_events,
+                self.cfg
+                    .batch_max_bytes
+                    .saturating_sub(self.transport.wrapper_bytes())
+                    .max(1),
+            );
             let batch = st
                 .blocking(move |c, p| outbox::read_batch(c, p, cursor, max_n, max_b))
                 .await??;
@@ -132,7 +153,11 @@ impl HttpSink {
             let ttl_ms = (self.cfg.ttl_secs as i64).saturating_mul(1000);
             let expired = batch
                 .iter()
-                .take_while(|e| now - e.observed_at > ttl_ms)
+                // Events observed before the clock was set have no meaningful age: never expired.
+                .take_while(|e| {
+                    e.observed_at >= crate::telemetry::CLOCK_SANE_MIN_MS
+                        && now - e.observed_at > ttl_ms
+                })
                 .count();
             if expired > 0 {
                 let dead: Vec<_> = batch[..expired].to_vec();

@@ -26,6 +26,33 @@ use tokio_util::sync::CancellationToken;
 /// message would be redelivered forever; our own `max_payload_bytes` check acks and counts it.
 const PROTOCOL_MAX_PACKET: usize = 268_435_455;
 
+/// rumqttc request channel capacity (acks and subscriptions).
+const ACK_CHANNEL_CAP: usize = 4096;
+
+/// Acks waiting for room in rumqttc's request channel: (packet id, QoS).
+type Overflow = Arc<std::sync::Mutex<std::collections::VecDeque<(u16, QoS)>>>;
+
+/// A publish carrying only what rumqttc needs to build the PUBACK (packet id and QoS).
+fn puback_of(pkid: u16, qos: QoS) -> Publish {
+    let mut a = Publish::new("", qos, Vec::<u8>::new());
+    a.pkid = pkid;
+    a
+}
+
+/// Sends waiting acks until rumqttc's request channel is full again.
+fn drain_overflow(client: &AsyncClient, overflow: &Overflow) {
+    let mut q = match overflow.lock() {
+        Ok(q) => q,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    while let Some(&(pkid, qos)) = q.front() {
+        if client.try_ack(&puback_of(pkid, qos)).is_err() {
+            break;
+        }
+        q.pop_front();
+    }
+}
+
 /// On shutdown, how long to wait for the writer to commit and ack what this source handed it.
 const ACK_DRAIN: Duration = Duration::from_secs(3);
 
@@ -53,7 +80,6 @@ pub struct MqttSource {
     allow: HashSet<String>,
     stats: SharedStats,
     bad_log: RateLimit,
-    rt: tokio::runtime::Handle,
 }
 
 impl MqttSource {
@@ -95,7 +121,6 @@ impl MqttSource {
             cfg,
             stats,
             bad_log: RateLimit::new(Duration::from_secs(60)),
-            rt: tokio::runtime::Handle::current(),
         })
     }
 
@@ -105,7 +130,6 @@ impl MqttSource {
         o.set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(c.keep_alive_secs))
-            .set_inflight(c.max_inflight)
             .set_max_packet_size(PROTOCOL_MAX_PACKET, 64 * 1024);
         if let Some(user) = &c.username {
             let password = match (&c.password_file, &c.password_env) {
@@ -146,11 +170,9 @@ impl MqttSource {
     ) -> Result<(), Error> {
         let opts = self.options()?;
         let name = self.cfg.name.clone();
-        // Requests are acks (plus a few subscriptions). Unacked messages of one session have
-        // distinct packet ids, so there are never more than 65535 of them: with this capacity
-        // `try_ack` from the writer can never find the channel full (no fallback tasks, no
-        // unbounded memory under bursts).
-        let cap = usize::from(u16::MAX) + 64;
+        // Requests are acks (plus a few subscriptions). When a flood outruns rumqttc, acks wait
+        // in the compact overflow queue (see `ack_for`) rather than as ~100-byte requests here.
+        let cap = ACK_CHANNEL_CAP;
         let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(opts, cap);
         let mut backoff = Backoff::new(
             Duration::from_millis(self.cfg.reconnect_min_ms),
@@ -160,11 +182,13 @@ impl MqttSource {
         let mut failing = false;
         // Observations handed to the writer whose ack has not run yet.
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let overflow: Overflow = Arc::default();
         loop {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
                 _ = shutdown.cancelled() => break,
             };
+            drain_overflow(&client, &overflow);
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     SourceStats::inc(&self.stats.connects);
@@ -176,16 +200,18 @@ impl MqttSource {
                         tracing::info!(source = %name, host = %self.cfg.host, port = self.cfg.port, session_present = ack.session_present, "Connected to broker");
                     }
                     failing = false;
-                    if !ack.session_present {
-                        for t in self.subscriptions() {
-                            if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
-                                tracing::error!(source = %name, topic = %t, error = %e, "Cannot queue subscription");
-                            }
+                    // Subscribe on every connection, session or not: QoS 1 subscriptions are
+                    // idempotent, and topics added to the config since the session was made
+                    // are picked up (filters since removed stay in the session; what arrives
+                    // on them is routed as "ignored" and acked).
+                    for t in self.subscriptions() {
+                        if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(source = %name, topic = %t, error = %e, "Cannot queue subscription");
                         }
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Some(env) = self.handle(&client, p, &in_flight) {
+                    if let Some(env) = self.handle(&client, p, &in_flight, &overflow) {
                         // The only await besides poll(): backpressure from the writer.
                         if obs_tx.send(WriterMsg::Observe(env)).await.is_err() {
                             break;
@@ -193,7 +219,15 @@ impl MqttSource {
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(s))) => {
-                    tracing::debug!(source = %name, codes = ?s.return_codes, "Subscribed");
+                    if s.return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        tracing::error!(source = %name, codes = ?s.return_codes,
+                            "The broker refused a subscription (check its ACL for this client); those topics will not arrive");
+                    } else {
+                        tracing::debug!(source = %name, codes = ?s.return_codes, "Subscribed");
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -215,7 +249,10 @@ impl MqttSource {
         // clean stop causes no redelivery. New publishes are not taken (the broker keeps them).
         if connected {
             let drained = tokio::time::timeout(ACK_DRAIN, async {
-                while in_flight.load(Ordering::Acquire) > 0 {
+                while in_flight.load(Ordering::Acquire) > 0
+                    || overflow.lock().map(|q| !q.is_empty()).unwrap_or(false)
+                {
+                    drain_overflow(&client, &overflow);
                     if let Ok(Err(_)) =
                         tokio::time::timeout(Duration::from_millis(20), eventloop.poll()).await
                     {
@@ -252,9 +289,10 @@ impl MqttSource {
         client: &AsyncClient,
         p: Publish,
         in_flight: &Arc<AtomicUsize>,
+        overflow: &Overflow,
     ) -> Option<Envelope> {
         SourceStats::inc(&self.stats.received);
-        let ack = self.ack_for(client, &p, in_flight);
+        let ack = self.ack_for(client, &p, in_flight, overflow);
         let topic = p.topic.as_str();
         // Route on the topic first: a large message on a topic we ignore (e.g. a retained
         // `bridge/devices`) is not malformed, just not ours.
@@ -355,6 +393,13 @@ impl MqttSource {
                 ack.run();
                 None
             }
+            Err((device, payload::PayloadError::Unmapped)) => {
+                // A device without thermostat fields (a light, a plug): not ours, not malformed.
+                tracing::trace!(source = %self.cfg.name, device = %device, "Message without thermostat fields ignored");
+                SourceStats::inc(&self.stats.ignored);
+                ack.run();
+                None
+            }
             Err((device, e)) => {
                 self.bad(&device, topic, &e.to_string());
                 ack.run();
@@ -371,21 +416,31 @@ impl MqttSource {
         }
     }
 
-    /// The ack for `p`: a PUBACK queued on rumqttc's request channel (sized so it is not full;
-    /// if it ever is, the ack is sent from a task instead of being lost).
-    fn ack_for(&self, client: &AsyncClient, p: &Publish, in_flight: &Arc<AtomicUsize>) -> Ack {
-        let mut a = Publish::new("", p.qos, Vec::<u8>::new());
-        a.pkid = p.pkid;
+    /// The ack for `p`: a PUBACK queued on rumqttc's request channel. If that channel is full
+    /// (rumqttc sends one request per loop turn while it reads up to ten packets, so a flood
+    /// can outrun it), the packet id waits in `overflow` (a few bytes each, no task) and the
+    /// source loop retries it after each poll. An ack is never dropped.
+    fn ack_for(
+        &self,
+        client: &AsyncClient,
+        p: &Publish,
+        in_flight: &Arc<AtomicUsize>,
+        overflow: &Overflow,
+    ) -> Ack {
+        let (pkid, qos) = (p.pkid, p.qos);
         let client = client.clone();
-        let rt = self.rt.clone();
+        let overflow = overflow.clone();
         in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = in_flight.clone();
         Ack::new(move || {
             in_flight.fetch_sub(1, Ordering::AcqRel);
-            if client.try_ack(&a).is_err() {
-                rt.spawn(async move {
-                    let _ = client.ack(&a).await;
-                });
+            let mut q = match overflow.lock() {
+                Ok(q) => q,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            // Keep order: while older acks wait, newer ones queue behind them.
+            if !q.is_empty() || client.try_ack(&puback_of(pkid, qos)).is_err() {
+                q.push_back((pkid, qos));
             }
         })
     }

@@ -70,6 +70,8 @@ pub struct WriterStats {
 const RECENT_MAX: usize = 4096;
 /// `mqtt_recent` rows kept (one per commit that carried MQTT messages).
 const RECENT_ROWS_KEEP: i64 = 1024;
+/// Housekeeping runs at least this often while messages flow (and on every `Tick`).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Receipts on events older than this many positions are not carried over when GC deletes them.
 const RECEIPT_EVENTS_KEEP: i64 = 20_000;
 /// Events deleted per GC statement, to keep each housekeeping transaction short.
@@ -109,6 +111,7 @@ pub struct Writer {
     last_pos: i64,
     checkpoint_pos: i64,
     last_checkpoint: Instant,
+    last_housekeeping: Instant,
     last_gc_bound: i64,
     committed_tx: watch::Sender<i64>,
     stats: Arc<WriterStats>,
@@ -250,6 +253,7 @@ impl Writer {
             last_pos,
             checkpoint_pos,
             last_checkpoint: Instant::now(),
+            last_housekeeping: Instant::now(),
             last_gc_bound: -1,
             committed_tx,
             stats,
@@ -315,7 +319,11 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_with_retry(&mut batch)?;
             }
-            if tick {
+            // Also by elapsed time: under load the ticker's `try_send` can keep failing (freed
+            // channel slots go to the sources waiting on it), and the cap, GC and snapshots
+            // must run precisely then.
+            if tick || self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+                self.last_housekeeping = Instant::now();
                 self.housekeeping(crate::telemetry::now_ms())?;
             }
             (self.on_commit)(&self.stats);
@@ -854,7 +862,7 @@ fn envelope(
 /// Whether the kernel considers the clock synchronised (NTP), via `adjtimex`; a clock before
 /// 2024 is unsynced whatever the kernel says (a gateway without RTC boots in 1970).
 pub fn clock_state() -> ClockState {
-    if crate::telemetry::now_ms() < 1_704_067_200_000 {
+    if crate::telemetry::now_ms() < crate::telemetry::CLOCK_SANE_MIN_MS {
         return ClockState::Unsynced;
     }
     // SAFETY: adjtimex with modes = 0 only reads the kernel's clock state into the zeroed struct.
