@@ -164,12 +164,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    print_status(&db, start.elapsed(), &handles, &receiver);
     token.cancel();
     daemon
         .await
         .context("daemon task")?
         .context("daemon failed")?;
+    // After the stop, so the sink's last progress is saved and "pending" reads 0.
+    print_status(&db, start.elapsed(), &handles, &receiver);
     let s = receiver.summary();
     println!("\n== summary ==");
     println!("  events committed to the outbox : {committed}");

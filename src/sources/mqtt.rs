@@ -4,8 +4,9 @@
 //! loop never awaits anything but `poll` and the bounded hand-off to the writer. Acks are sent by
 //! the writer thread after the commit, through a cloned `AsyncClient` (never awaited here).
 //! Clean session off and a fixed client id: messages published while the daemon is down or not
-//! yet acked stay with the broker and come back. Subscriptions are made only when the broker has
-//! no session for us (`session_present = false`), so a reconnect does not replay retained state.
+//! yet acked stay with the broker and come back. Subscriptions are made on every connection, so
+//! topics added to the config take effect; the retained state the broker then replays equals
+//! what is committed and yields no event.
 //! Parsing lives in `payload.rs`; this file routes topics, enforces bounds and counts.
 
 use super::payload::{self, Mapping, Route};

@@ -7,8 +7,9 @@
 //!
 //! Device state is checkpointed to `devices` every `checkpoint_interval_secs` (not on every commit:
 //! flash wear); each event carries the full state after it, so at start the writer replays the
-//! events after `meta.checkpoint_pos` to rebuild the exact cache. On `Tick` it also emits due
-//! snapshots, collects garbage every sink has passed, enforces the size cap and vacuums.
+//! events after `meta.checkpoint_pos` to rebuild the exact cache. On `Tick`, and at least once a
+//! second while messages flow, it also emits due snapshots, checkpoints, collects garbage every
+//! sink has passed, enforces the size cap and vacuums.
 
 use super::{Error, ctx, meta_get, meta_set};
 use crate::diff::{DeviceRecord, DiffPolicy, copy_field, diff, snapshot_due};
