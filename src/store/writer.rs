@@ -71,6 +71,8 @@ pub struct WriterStats {
 const RECENT_MAX: usize = 4096;
 /// `mqtt_recent` rows kept (one per commit that carried MQTT messages).
 const RECENT_ROWS_KEEP: i64 = 1024;
+/// Eviction rounds per housekeeping run (each evicts about 5 % of the events).
+const CAP_ROUNDS: usize = 20;
 /// Housekeeping runs at least this often while messages flow (and on every `Tick`).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Receipts on events older than this many positions are not carried over when GC deletes them.
@@ -513,7 +515,12 @@ impl Writer {
             self.checkpoint()?;
         }
         self.collect_garbage()?;
-        self.enforce_cap()?;
+        // Several rounds if needed: a cap reached under heavy ingest must not fall behind.
+        for _ in 0..CAP_ROUNDS {
+            if !self.enforce_cap()? {
+                break;
+            }
+        }
         let c = ctx(&self.path);
         let free: i64 = self
             .conn
@@ -700,14 +707,15 @@ impl Writer {
     }
 
     /// Enforces `max_bytes` / `max_events`: superseded measurements first, then the oldest events.
-    fn enforce_cap(&mut self) -> Result<(), Error> {
+    /// Returns whether it evicted anything (the caller repeats while it does).
+    fn enforce_cap(&mut self) -> Result<bool, Error> {
         let path = self.path.clone();
         let c = ctx(&path);
         let stored = self.stats.stored.load(Ordering::Relaxed) as i64;
         let over_events = self.s.max_events > 0 && stored > self.s.max_events as i64;
         let over_bytes = self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes;
         if !over_events && !over_bytes {
-            return Ok(());
+            return Ok(false);
         }
         // Evict a little more than strictly needed (5 %) so the cap is not hit on every tick.
         let mut need = 0i64;
@@ -776,7 +784,7 @@ impl Writer {
                 );
             }
         }
-        Ok(())
+        Ok(n > 0)
     }
 }
 

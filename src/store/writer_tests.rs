@@ -488,3 +488,98 @@ fn an_idle_writer_writes_nothing() {
     h.stop();
     assert_eq!(before, after, "ticks without traffic must not write");
 }
+
+#[test]
+fn a_periodic_snapshot_is_emitted_once_for_a_device_that_changed() {
+    let (_d, path) = db();
+    let mut s = settings(&[]);
+    s.snapshot_interval_ms = 50;
+    let h = Harness::start(&path, s);
+    h.send(plain(obs("a", 2000, 0)));
+    h.send(plain(obs("a", 2100, 1)));
+    h.send(plain(obs("b", 1900, 2))); // b never changes after its first snapshot
+    h.wait_events(3);
+    h.tick();
+    h.wait_events(4);
+    h.tick();
+    h.tick();
+    h.stop();
+    let ev = events(&path);
+    let got: Vec<(&str, u64, &str)> = ev
+        .iter()
+        .map(|e| (e.device.as_str(), e.seq, e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a", 1, "snapshot"),
+            ("a", 2, "setpoint"),
+            ("b", 1, "snapshot"),
+            ("a", 3, "snapshot")
+        ]
+    );
+    assert_eq!(
+        ev[3].state, ev[1].state,
+        "the periodic snapshot carries the current state"
+    );
+    assert_eq!(ev[3].previous, serde_json::Value::Null);
+}
+
+#[test]
+fn the_byte_cap_evicts_superseded_measurements_and_keeps_each_devices_newest_event() {
+    let (_d, path) = db();
+    let mut s = settings(&["slow"]);
+    s.max_bytes = 256 * 1024;
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "slow", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    let h = Harness::start(&path, s);
+    // ~800 events of ~550 bytes: well over 256 KiB.
+    for i in 0..800 {
+        h.send(plain(temp_obs("a", 1000 + 30 * i, i)));
+    }
+    h.send(plain(obs("b", 2000, 900)));
+    h.wait_events(801);
+    for _ in 0..30 {
+        h.tick();
+    }
+    h.stop();
+    let c = Connection::open(&path).unwrap();
+    let evicted: i64 = c
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'evicted_events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let used: i64 = c
+        .query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count) - (SELECT freelist_count FROM pragma_freelist_count)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(evicted > 0);
+    let n_ev: i64 = c
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        used * 4096 <= 256 * 1024,
+        "used {} bytes, evicted {evicted}, events left {n_ev}",
+        used * 4096
+    );
+    let ev = events(&path);
+    // Only superseded temperature events went: a's snapshot, a's newest temperature and b remain.
+    assert!(
+        ev.iter()
+            .all(|e| e.device != "a" || e.kind == "temperature" || e.seq == 1)
+    );
+    assert_eq!(
+        ev.iter().filter(|e| e.device == "a").map(|e| e.seq).max(),
+        Some(800)
+    );
+    assert!(ev.iter().any(|e| e.device == "a" && e.seq == 1));
+    assert!(ev.iter().any(|e| e.device == "b" && e.seq == 1));
+    assert_eq!(ev.len() as i64 + evicted, 801);
+}

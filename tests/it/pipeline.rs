@@ -616,3 +616,109 @@ async fn a_restarted_daemon_emits_nothing_for_unchanged_state_and_continues_seq(
     assert_eq!(db.count("SELECT seq FROM devices WHERE device = 'trv'"), 3);
     assert_eq!(db.count("SELECT seq FROM devices WHERE device = 'rm'"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_reconnects_after_a_broker_restart_and_resumes() {
+    let sb = Sandbox::new("broker_restart");
+    let mut broker = Mosquitto::start();
+    let receiver = Receiver::start(vec![]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .source_set("z2m", "reconnect_min_ms", "100")
+        .source_set("z2m", "reconnect_max_ms", "500")
+        .http_sink("upstream", &receiver);
+    let daemon = Daemon::start(tc.build()).await;
+    let client = tc.client_id("z2m");
+    broker.wait_subscribed(&client, 1, TIMEOUT).await;
+    let topic = format!("{}/hall", tc.base_topic());
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(&topic, r#"{"occupied_heating_setpoint":20}"#, false)
+        .await;
+    receiver.wait_unique_events(1, TIMEOUT).await;
+
+    // The broker dies and comes back empty (no persistence): the source must reconnect on its
+    // own, subscribe again (no session), and carry on with the next seq.
+    broker.restart();
+    let before = get(&daemon.source("z2m").connects);
+    wait_until_async("the source reconnected", TIMEOUT, || {
+        get(&daemon.source("z2m").connects) > before
+    })
+    .await;
+    broker.wait_subscribed(&client, 1, TIMEOUT).await;
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(&topic, r#"{"occupied_heating_setpoint":21}"#, false)
+        .await;
+    let events = receiver.wait_unique_events(2, TIMEOUT).await;
+    assert_eq!((events[1].seq, events[1].kind.as_str()), (2, "setpoint"));
+    assert_eq!(events[1].previous, json!({"value": "20.0", "unit": "C"}));
+    assert_eq!(events[1].current, json!({"value": "21.0", "unit": "C"}));
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_goes_in_the_configured_header_or_query_parameter() {
+    let sb = Sandbox::new("api_key");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start(vec![]).await;
+    let key_file = sb.path().join("api-key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .open(&key_file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"k3y-value\n").unwrap();
+    }
+    let key_path = toml_str(&key_file.display().to_string());
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .http_sink("by-header", &receiver)
+        .sink_set(
+            "by-header",
+            "api_key_header",
+            "\"Ocp-Apim-Subscription-Key\"",
+        )
+        .sink_set("by-header", "api_key_file", &key_path)
+        .http_sink("by-query", &receiver)
+        .sink_set("by-query", "api_key_query", "\"key\"")
+        .sink_set("by-query", "api_key_file", &key_path);
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(
+        &format!("{}/hall", tc.base_topic()),
+        r#"{"occupied_heating_setpoint":20}"#,
+        false,
+    )
+    .await;
+    wait_until_async("both sinks delivered", TIMEOUT, || {
+        receiver.requests().len() >= 2
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    let requests = receiver.requests();
+    let by_header = requests
+        .iter()
+        .find(|r| r.header("ocp-apim-subscription-key").is_some())
+        .expect("a request with the key header");
+    assert_eq!(
+        by_header.header("ocp-apim-subscription-key"),
+        Some("k3y-value")
+    );
+    assert!(!by_header.path.contains("k3y"), "{}", by_header.path);
+    let by_query = requests
+        .iter()
+        .find(|r| r.path.contains("key="))
+        .expect("a request with the key parameter");
+    assert!(
+        by_query.path.ends_with("?key=k3y-value"),
+        "{}",
+        by_query.path
+    );
+    assert_eq!(by_query.header("ocp-apim-subscription-key"), None);
+    assert_eq!(receiver.bad_signatures(), 0);
+}
