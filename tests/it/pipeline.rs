@@ -666,6 +666,7 @@ async fn the_api_key_goes_in_the_configured_header_or_query_parameter() {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(true)
             .mode(0o600)
             .open(&key_file)
             .unwrap();
