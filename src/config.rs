@@ -127,6 +127,10 @@ pub struct PipelineConfig {
     /// How often the device-state cache is checkpointed to the `devices` table. Default 30.
     #[serde(default = "default_checkpoint_interval_secs")]
     pub checkpoint_interval_secs: u64,
+    /// Most devices tracked (ids come from topics and payloads); observations of further new
+    /// devices are dropped and counted. Default 10000, range 1-1000000.
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
     /// On SIGTERM, how long in-flight deliveries may finish before the daemon exits anyway. Default 10.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -378,6 +382,9 @@ const fn default_snapshot_interval_secs() -> u64 {
 const fn default_checkpoint_interval_secs() -> u64 {
     30
 }
+const fn default_max_devices() -> usize {
+    10_000
+}
 const fn default_shutdown_grace_secs() -> u64 {
     10
 }
@@ -465,6 +472,7 @@ impl Default for PipelineConfig {
             commit_delay_ms: default_commit_delay_ms(),
             snapshot_interval_secs: default_snapshot_interval_secs(),
             checkpoint_interval_secs: default_checkpoint_interval_secs(),
+            max_devices: default_max_devices(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
         }
     }
@@ -582,6 +590,9 @@ impl Config {
                 "pipeline.shutdown_grace_secs",
                 "must be between 1 and 25 (below the systemd unit's TimeoutStopSec=30)",
             );
+        }
+        if !(1..=1_000_000).contains(&pl.max_devices) {
+            p.add("pipeline.max_devices", "must be between 1 and 1000000");
         }
         if pl.checkpoint_interval_secs == 0 {
             p.add("pipeline.checkpoint_interval_secs", "must be at least 1");

@@ -70,6 +70,7 @@ pub async fn run(
         sinks: cfg.sinks.http.iter().map(|s| s.name.clone()).collect(),
         max_bytes: cfg.store.max_bytes,
         max_events: cfg.store.max_events,
+        max_devices: cfg.pipeline.max_devices,
     };
     let mut writer = Writer::open(
         conn,

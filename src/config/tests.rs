@@ -138,6 +138,7 @@ fn a_minimal_config_gets_every_default() {
     assert_eq!(c.pipeline.commit_delay_ms, 25);
     assert_eq!(c.pipeline.snapshot_interval_secs, 900);
     assert_eq!(c.pipeline.checkpoint_interval_secs, 30);
+    assert_eq!(c.pipeline.max_devices, 10_000);
     assert_eq!(c.pipeline.shutdown_grace_secs, 10);
     assert_eq!(c.diff.temperature_deadband, 0.2);
     assert_eq!(c.diff.humidity_deadband, 1.0);
@@ -299,6 +300,17 @@ fn pipeline_checkpoint_interval_secs_must_be_at_least_1() {
         &[("pipeline.checkpoint_interval_secs", "must be at least 1")],
     );
     assert_valid("[pipeline]\ncheckpoint_interval_secs = 1\n");
+}
+
+#[test]
+fn pipeline_max_devices_must_be_between_1_and_1000000() {
+    for v in ["0", "1000001"] {
+        assert_problems(
+            &format!("[pipeline]\nmax_devices = {v}\n"),
+            &[("pipeline.max_devices", "must be between 1 and 1000000")],
+        );
+    }
+    assert_valid("[pipeline]\nmax_devices = 1\n");
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub struct WriterSettings {
     pub max_bytes: u64,
     /// 0 = no cap.
     pub max_events: u64,
+    /// Most devices tracked; observations of further new devices are dropped (counted).
+    pub max_devices: usize,
 }
 
 /// Counters the writer publishes (for status lines and the CLI).
@@ -62,6 +64,8 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Observations dropped because `max_devices` was reached.
+    pub devices_rejected: AtomicU64,
     pub evicted: AtomicU64,
     /// Events stored right now.
     pub stored: AtomicU64,
@@ -375,6 +379,7 @@ impl Writer {
         let mut events_added = 0u64;
         let mut dups = 0u64;
         let mut conflicts = 0u64;
+        let mut rejected = 0u64;
         let tx = self.conn.transaction().map_err(&c)?;
         let mut pos = self.last_pos;
         {
@@ -399,6 +404,18 @@ impl Writer {
                         continue;
                     }
                     new_recent.entry(obs.source.clone()).or_default().push(key);
+                }
+                if !self.cache.contains_key(&obs.device)
+                    && !staged.contains_key(&obs.device)
+                    && self.cache.len() + staged.len() >= self.s.max_devices
+                {
+                    // Device ids come from topics and payloads: never let them grow without bound.
+                    rejected += 1;
+                    if let Some(suppressed) = self.conflict_log.check("max_devices") {
+                        tracing::warn!(device = %obs.device, source = %obs.source, max_devices = self.s.max_devices, suppressed,
+                            "Device limit reached; dropping observations of new devices (pipeline.max_devices)");
+                    }
+                    continue;
                 }
                 match self.owner.get(&obs.device) {
                     Some(o) if *o != obs.source => {
@@ -505,6 +522,7 @@ impl Writer {
         st.commits.fetch_add(1, Ordering::Relaxed);
         st.duplicates_dropped.fetch_add(dups, Ordering::Relaxed);
         st.conflicts.fetch_add(conflicts, Ordering::Relaxed);
+        st.devices_rejected.fetch_add(rejected, Ordering::Relaxed);
         Ok(batch.iter_mut().filter_map(|e| e.ack.take()).collect())
     }
 

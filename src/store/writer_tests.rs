@@ -28,6 +28,7 @@ fn settings(sinks: &[&str]) -> WriterSettings {
         sinks: sinks.iter().map(|s| s.to_string()).collect(),
         max_bytes: 0,
         max_events: 0,
+        max_devices: 10_000,
     }
 }
 
@@ -487,6 +488,27 @@ fn an_idle_writer_writes_nothing() {
     let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     h.stop();
     assert_eq!(before, after, "ticks without traffic must not write");
+}
+
+#[test]
+fn new_devices_beyond_max_devices_are_dropped_and_counted_while_known_ones_flow() {
+    let (_d, path) = db();
+    let mut s = settings(&[]);
+    s.max_devices = 2;
+    let h = Harness::start(&path, s);
+    h.send(plain(obs("a", 2000, 0)));
+    h.send(plain(obs("b", 2000, 1)));
+    h.send(plain(obs("c", 2000, 2))); // third device: dropped
+    h.send(plain(obs("a", 2100, 3)));
+    h.wait_events(3);
+    let rejected = h.stats.devices_rejected.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(rejected, 1);
+    let got: Vec<(String, u64)> = events(&path)
+        .into_iter()
+        .map(|e| (e.device, e.seq))
+        .collect();
+    assert_eq!(got, vec![("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
 }
 
 #[test]
