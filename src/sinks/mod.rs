@@ -93,6 +93,8 @@ impl HttpSink {
         st.row.next_attempt_at = None;
         tracing::info!(sink = %name, cursor = st.row.cursor, "Sink started");
         let mut writer_gone = false;
+        // Events per request; halved on 413 Payload Too Large, grown back after successes.
+        let mut batch_limit = self.cfg.batch_max_events;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -120,7 +122,7 @@ impl HttpSink {
             }
             let cursor = st.row.cursor;
             let (max_n, max_b) = (
-                self.cfg.batch_max_events,
+                batch_limit,
                 self.cfg
                     .batch_max_bytes
                     .saturating_sub(self.transport.wrapper_bytes())
@@ -179,7 +181,15 @@ impl HttpSink {
             let now = crate::telemetry::now_ms();
             let last = batch[batch.len() - 1].pos;
             match verdict {
+                Verdict::Permanent { status: 413, .. } if batch.len() > 1 => {
+                    // Too large for the receiver, not wrong: retry at once with half as many events.
+                    batch_limit = (batch.len() / 2).max(1);
+                    tracing::warn!(sink = %name, events = batch.len(), next = batch_limit,
+                        "Upstream answered 413 Payload Too Large; retrying with smaller batches");
+                    continue;
+                }
                 Verdict::Delivered => {
+                    batch_limit = (batch_limit * 2).min(self.cfg.batch_max_events);
                     if st.row.consecutive_failures > 0 {
                         tracing::info!(sink = %name, after_failures = st.row.consecutive_failures, "Upstream accepts events again");
                     }

@@ -362,3 +362,39 @@ async fn events_older_than_ttl_become_expired_dead_letters_and_newer_ones_still_
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_halves_the_batch_instead_of_dead_lettering_it() {
+    let sb = Sandbox::new("payload_too_large");
+    let Setup {
+        broker: _broker,
+        mut receiver,
+        tc,
+        daemon,
+        publisher: mut p,
+    } = setup(&sb, vec![Reply::status(413).body("too large")], 500).await;
+    receiver.stop().await;
+    let topic = format!("{}/trv", tc.base_topic());
+    for sp in [20.0, 20.5, 21.0, 21.5] {
+        p.publish(&topic, trv_state(sp), false).await;
+    }
+    let db = Db::open(&tc.db_path());
+    wait_until_async("four events committed", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM events") == 4
+    })
+    .await;
+    receiver.restart().await;
+    let events = receiver.wait_unique_events(4, TIMEOUT).await;
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    let requests = receiver.requests();
+    assert_eq!(requests[0].status, 413);
+    assert_eq!(requests[0].events().len(), 4);
+    assert_eq!(
+        requests[1].events().len(),
+        2,
+        "retried with half the events"
+    );
+    assert!(db.dead_letters().is_empty(), "a 413 dead-letters nothing");
+    daemon.stop().await.unwrap();
+}
