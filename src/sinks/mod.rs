@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// `last_error` while deliveries wait for the clock.
 const CLOCK_NOT_SET: &str = "gateway clock not set (before 2024); deliveries held";
 
+/// SQLite page cache of a sink's connection, KiB.
+const SINK_CACHE_KIB: u32 = 512;
+
 /// How often delivered progress is persisted while events flow.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 
@@ -79,6 +82,13 @@ impl HttpSink {
     ) -> Result<(), Error> {
         let name = self.cfg.name.clone();
         let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+        // A sink reads recent pages sequentially (hot in the OS page cache anyway): a small
+        // SQLite cache keeps the daemon's resident memory down on small gateways.
+        conn.execute_batch(&format!("PRAGMA cache_size = -{SINK_CACHE_KIB};"))
+            .map_err(|source| store::Error::Sqlite {
+                path: db.clone(),
+                source,
+            })?;
         let now = crate::telemetry::now_ms();
         let row = outbox::ensure_sink(&conn, &db, &name, "http", self.cfg.from, now)?;
         let mut st = LoopState {
