@@ -93,6 +93,10 @@ pub struct StoreConfig {
     /// Cap on the number of stored events; 0 (default) = no cap by count.
     #[serde(default)]
     pub max_events: u64,
+    /// Most dead letters kept (all sinks); past it the oldest are deleted, counted and logged.
+    /// Default 100000, range 1000-10000000.
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: u64,
     /// How long a connection waits for a lock. Default 5000.
     #[serde(default = "default_busy_timeout_ms")]
     pub busy_timeout_ms: u64,
@@ -364,6 +368,9 @@ fn default_store_path() -> PathBuf {
 const fn default_max_bytes() -> u64 {
     256 * 1024 * 1024
 }
+const fn default_max_dead_letters() -> u64 {
+    100_000
+}
 const fn default_busy_timeout_ms() -> u64 {
     5000
 }
@@ -459,6 +466,7 @@ impl Default for StoreConfig {
             synchronous: Synchronous::Full,
             max_bytes: default_max_bytes(),
             max_events: 0,
+            max_dead_letters: default_max_dead_letters(),
             busy_timeout_ms: default_busy_timeout_ms(),
         }
     }
@@ -565,6 +573,12 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.store.busy_timeout_ms) {
             p.add("store.busy_timeout_ms", "must be between 100 and 600000");
+        }
+        if !(1000..=10_000_000).contains(&self.store.max_dead_letters) {
+            p.add(
+                "store.max_dead_letters",
+                "must be between 1000 and 10000000",
+            );
         }
         if self.store.max_bytes != 0 && self.store.max_bytes < 1024 * 1024 {
             p.add(

@@ -71,6 +71,7 @@ pub async fn run(
         max_bytes: cfg.store.max_bytes,
         max_events: cfg.store.max_events,
         max_devices: cfg.pipeline.max_devices,
+        max_dead_letters: cfg.store.max_dead_letters,
     };
     let mut writer = Writer::open(
         conn,

@@ -17,13 +17,14 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "database {}: {} (+ WAL {}), {} events stored, {} devices, {} events evicted by the size cap",
+        "database {}: {} (+ WAL {}), {} events stored, {} devices, {} events evicted by the size cap, {} dead letters dropped by their cap",
         db.display(),
         human_bytes(q.db_file_bytes),
         human_bytes(q.wal_bytes),
         q.events_stored,
         q.devices,
-        q.evicted_events
+        q.evicted_events,
+        q.dead_letters_dropped
     );
     if q.sinks.is_empty() {
         println!("no sinks have run on this database yet");

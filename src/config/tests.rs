@@ -303,6 +303,20 @@ fn pipeline_checkpoint_interval_secs_must_be_at_least_1() {
 }
 
 #[test]
+fn store_max_dead_letters_must_be_between_1000_and_10000000() {
+    for v in ["999", "10000001"] {
+        assert_problems(
+            &format!("[store]\nmax_dead_letters = {v}\n"),
+            &[(
+                "store.max_dead_letters",
+                "must be between 1000 and 10000000",
+            )],
+        );
+    }
+    assert_valid("[store]\nmax_dead_letters = 1000\n");
+}
+
+#[test]
 fn pipeline_max_devices_must_be_between_1_and_1000000() {
     for v in ["0", "1000001"] {
         assert_problems(

@@ -234,6 +234,8 @@ pub struct QueueStats {
     pub last_pos: i64,
     pub devices: i64,
     pub evicted_events: i64,
+    /// Dead letters deleted because `store.max_dead_letters` was reached.
+    pub dead_letters_dropped: i64,
     /// Main file + WAL, bytes.
     pub db_file_bytes: u64,
     pub wal_bytes: u64,
@@ -288,6 +290,7 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
         .map_err(&c)?;
     let last_pos = last_pos.max(meta_get(conn, "last_pos").map_err(&c)?);
     let evicted_events = meta_get(conn, "evicted_events").map_err(&c)?;
+    let dead_letters_dropped = meta_get(conn, "dead_letters_dropped").map_err(&c)?;
     let db_file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
@@ -300,6 +303,7 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
         last_pos,
         devices,
         evicted_events,
+        dead_letters_dropped,
         db_file_bytes,
         wal_bytes,
     })

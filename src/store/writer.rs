@@ -52,6 +52,8 @@ pub struct WriterSettings {
     pub max_bytes: u64,
     /// 0 = no cap.
     pub max_events: u64,
+    /// Most dead letters kept; the oldest beyond it are deleted (counted in `meta`).
+    pub max_dead_letters: u64,
     /// Most devices tracked; observations of further new devices are dropped (counted).
     pub max_devices: usize,
 }
@@ -533,6 +535,7 @@ impl Writer {
             self.checkpoint()?;
         }
         self.collect_garbage()?;
+        self.trim_dead_letters()?;
         // Several rounds if needed: a cap reached under heavy ingest must not fall behind.
         for _ in 0..CAP_ROUNDS {
             if !self.enforce_cap()? {
@@ -722,6 +725,41 @@ impl Writer {
             )
             .map_err(&c)?;
         Ok(((pages - free).max(0) * size) as u64)
+    }
+
+    /// Keeps at most `max_dead_letters` dead letters: deletes the oldest beyond it, counts them
+    /// in `meta.dead_letters_dropped` and logs at ERROR (they are data given up on twice).
+    fn trim_dead_letters(&mut self) -> Result<(), Error> {
+        let path = self.path.clone();
+        let c = ctx(&path);
+        let (count, max_id): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM dead_letters",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(&c)?;
+        let over = count - self.s.max_dead_letters as i64;
+        if over <= 0 {
+            return Ok(());
+        }
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                params![max_id, over.min(GC_CHUNK)],
+            )
+            .map_err(&c)? as i64;
+        let total = meta_get(&self.conn, "dead_letters_dropped").map_err(&c)? + n;
+        meta_set(&self.conn, "dead_letters_dropped", total).map_err(&c)?;
+        tracing::error!(
+            dropped = n,
+            total_dropped = total,
+            max_dead_letters = self.s.max_dead_letters,
+            "Dead-letter table full: deleted the oldest dead letters (store.max_dead_letters)"
+        );
+        Ok(())
     }
 
     /// Enforces `max_bytes` / `max_events`: superseded measurements first, then the oldest events.

@@ -29,6 +29,7 @@ fn settings(sinks: &[&str]) -> WriterSettings {
         max_bytes: 0,
         max_events: 0,
         max_devices: 10_000,
+        max_dead_letters: 100_000,
     }
 }
 
@@ -509,6 +510,40 @@ fn new_devices_beyond_max_devices_are_dropped_and_counted_while_known_ones_flow(
         .map(|e| (e.device, e.seq))
         .collect();
     assert_eq!(got, vec![("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
+}
+
+#[test]
+fn dead_letters_beyond_their_cap_are_trimmed_oldest_first_and_counted() {
+    let (_d, path) = db();
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        for i in 0..1500 {
+            c.execute(
+                "INSERT INTO dead_letters (sink, event_pos, event_id, device, seq, type, payload, reason, at)
+                 VALUES ('s', ?1, 'id', 'a', ?1, 'setpoint', '{}', 'rejected', 0)",
+                [i],
+            )
+            .unwrap();
+        }
+    }
+    let mut s = settings(&[]);
+    s.max_dead_letters = 1000;
+    let h = Harness::start(&path, s);
+    h.tick();
+    h.send(plain(obs("a", 2000, 0)));
+    h.wait_events(1);
+    h.stop();
+    let c = Connection::open(&path).unwrap();
+    let (n, min_pos): (i64, i64) = c
+        .query_row(
+            "SELECT COUNT(*), MIN(event_pos) FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((n, min_pos), (1000, 500));
+    let stats = outbox::queue_stats(&c, &path, 0).unwrap();
+    assert_eq!(stats.dead_letters_dropped, 500);
 }
 
 #[test]
