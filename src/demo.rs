@@ -181,7 +181,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         s.signatures_verified, s.signatures_rejected
     );
     println!(
-        "  requests refused while down    : {}",
+        "  answered 503 while down        : {}",
         s.refused_while_down
     );
     println!(
