@@ -5,6 +5,7 @@
 //! source touches the database or a sink.
 
 pub mod mqtt;
+pub mod otgw;
 pub mod payload;
 pub mod simulator;
 
