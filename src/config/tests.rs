@@ -1,8 +1,6 @@
 //! Config schema and validation: one test per rule of [`Config::validate`], each asserting the
 //! exact `ConfigError { key, problem }`; unknown keys and wrong types per section; secrets; and
 //! the shipped configs (`config/hvac-edge.toml`, `config/demo.toml`, `config/examples/*.toml`).
-//!
-//! Tests marked `#[ignore = "bug: …"]` describe what validation SHOULD do and currently does not.
 
 use super::*;
 use std::os::unix::fs::PermissionsExt;

@@ -64,6 +64,18 @@ pub enum Error {
     Config { name: String, problem: String },
 }
 
+/// What one topic carries for this source.
+enum Target<'a> {
+    /// Zigbee2MQTT state of a device.
+    State(String),
+    /// Availability (`online`/`offline`) of a device.
+    Availability(String),
+    /// A payload for the generic mapping.
+    Mapped(&'a Mapping),
+    /// Not ours: acked and counted as ignored.
+    Ignore,
+}
+
 enum Router {
     Z2m {
         base: String,
@@ -284,6 +296,26 @@ impl MqttSource {
         Ok(())
     }
 
+    /// What a topic is for this source (decided once per message).
+    fn target(&self, topic: &str) -> Target<'_> {
+        match &self.router {
+            Router::Z2m { base } => match payload::z2m_route(base, topic) {
+                Route::Ignore => Target::Ignore,
+                Route::State(dev) => Target::State(dev),
+                Route::Availability(dev) => Target::Availability(dev),
+            },
+            Router::Generic { filters, mapping } => {
+                if let Some(dev) = mapping.availability_device(topic) {
+                    Target::Availability(dev)
+                } else if filters.iter().any(|f| payload::topic_matches(f, topic)) {
+                    Target::Mapped(mapping)
+                } else {
+                    Target::Ignore
+                }
+            }
+        }
+    }
+
     /// Turns one publish into an envelope, or acks and counts it when it carries nothing for us.
     fn handle(
         &self,
@@ -295,16 +327,10 @@ impl MqttSource {
         SourceStats::inc(&self.stats.received);
         let ack = self.ack_for(client, &p, in_flight, overflow);
         let topic = p.topic.as_str();
-        // Route on the topic first: a large message on a topic we ignore (e.g. a retained
-        // `bridge/devices`) is not malformed, just not ours.
-        let ours = match &self.router {
-            Router::Z2m { base } => !matches!(payload::z2m_route(base, topic), Route::Ignore),
-            Router::Generic { filters, mapping } => {
-                mapping.availability_device(topic).is_some()
-                    || filters.iter().any(|f| payload::topic_matches(f, topic))
-            }
-        };
-        if !ours {
+        // Route on the topic once, before anything else: a large message on a topic we ignore
+        // (e.g. a retained `bridge/devices`) is not malformed, just not ours.
+        let target = self.target(topic);
+        if matches!(target, Target::Ignore) {
             SourceStats::inc(&self.stats.ignored);
             ack.run();
             return None;
@@ -323,50 +349,28 @@ impl MqttSource {
             return None;
         }
         let parsed: Result<Option<(String, Reported)>, (String, payload::PayloadError)> =
-            match &self.router {
-                Router::Z2m { base } => match payload::z2m_route(base, topic) {
-                    Route::Ignore => Ok(None),
-                    Route::State(dev) => payload::z2m_state(&p.payload)
-                        .map(|r| Some((dev.clone(), r)))
-                        .map_err(|e| (dev, e)),
-                    Route::Availability(dev) => payload::availability(&p.payload)
-                        .map(|c| {
-                            c.map(|c| {
-                                (
-                                    dev.clone(),
-                                    Reported {
-                                        connectivity: Some(c),
-                                        ..Default::default()
-                                    },
-                                )
-                            })
+            match target {
+                Target::Ignore => Ok(None),
+                Target::State(dev) => payload::z2m_state(&p.payload)
+                    .map(|r| Some((dev.clone(), r)))
+                    .map_err(|e| (dev, e)),
+                Target::Availability(dev) => payload::availability(&p.payload)
+                    .map(|c| {
+                        c.map(|c| {
+                            (
+                                dev.clone(),
+                                Reported {
+                                    connectivity: Some(c),
+                                    ..Default::default()
+                                },
+                            )
                         })
-                        .map_err(|e| (dev, e)),
-                },
-                Router::Generic { filters, mapping } => {
-                    if let Some(dev) = mapping.availability_device(topic) {
-                        payload::availability(&p.payload)
-                            .map(|c| {
-                                c.map(|c| {
-                                    (
-                                        dev.clone(),
-                                        Reported {
-                                            connectivity: Some(c),
-                                            ..Default::default()
-                                        },
-                                    )
-                                })
-                            })
-                            .map_err(|e| (dev, e))
-                    } else if filters.iter().any(|f| payload::topic_matches(f, topic)) {
-                        mapping
-                            .map(topic, &p.payload)
-                            .map(Some)
-                            .map_err(|e| (topic.to_string(), e))
-                    } else {
-                        Ok(None)
-                    }
-                }
+                    })
+                    .map_err(|e| (dev, e)),
+                Target::Mapped(mapping) => mapping
+                    .map(topic, &p.payload)
+                    .map(Some)
+                    .map_err(|e| (topic.to_string(), e)),
             };
         match parsed {
             Ok(Some((device, reported)))

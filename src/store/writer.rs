@@ -226,19 +226,31 @@ impl Writer {
             Ordering::Relaxed,
         );
         let mut recent: HashMap<String, RecentSet> = HashMap::new();
-        for sql in [
-            "SELECT receipts FROM mqtt_recent ORDER BY id",
-            "SELECT receipts FROM events WHERE receipts IS NOT NULL ORDER BY pos",
-        ] {
-            let mut st = conn.prepare(sql).map_err(&c)?;
-            let mut rows = st.query([]).map_err(&c)?;
-            while let Some(r) = rows.next().map_err(&c)? {
-                let blob: Vec<u8> = r.get(0).map_err(&c)?;
-                for (source, entries) in decode_receipts(&blob) {
-                    let set = recent.entry(source).or_default();
-                    for k in entries {
-                        set.insert(k);
-                    }
+        // Only the recent window matters (a redelivery concerns the last commits): a range scan on
+        // `pos`, not the whole backlog, keeps start-up fast after a long outage.
+        let mut blobs: Vec<Vec<u8>> = Vec::new();
+        {
+            let mut st = conn
+                .prepare("SELECT receipts FROM mqtt_recent ORDER BY id")
+                .map_err(&c)?;
+            for b in st.query_map([], |r| r.get(0)).map_err(&c)? {
+                blobs.push(b.map_err(&c)?);
+            }
+            let mut st = conn
+                .prepare("SELECT receipts FROM events WHERE pos > ?1 AND receipts IS NOT NULL ORDER BY pos")
+                .map_err(&c)?;
+            for b in st
+                .query_map([last_pos - RECEIPT_EVENTS_KEEP], |r| r.get(0))
+                .map_err(&c)?
+            {
+                blobs.push(b.map_err(&c)?);
+            }
+        }
+        for blob in &blobs {
+            for (source, entries) in decode_receipts(blob) {
+                let set = recent.entry(source).or_default();
+                for k in entries {
+                    set.insert(k);
                 }
             }
         }
