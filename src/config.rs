@@ -5,7 +5,13 @@
 //! reports *every* problem at once, each with its dotted key. Opens only the config file and the
 //! secret files it names; never sockets.
 
+mod serial;
+
 use crate::model::TempUnit;
+pub use serial::{
+    JsonlSourceConfig, ModbusSourceConfig, ModbusUnitConfig, OtgwSourceConfig, OverrideModes,
+    Parity, SerialLine, valid_otgw_command,
+};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -193,6 +199,12 @@ pub struct DeviceMetaConfig {
 pub struct SourcesConfig {
     #[serde(default)]
     pub mqtt: Vec<MqttSourceConfig>,
+    #[serde(default)]
+    pub otgw: Vec<OtgwSourceConfig>,
+    #[serde(default)]
+    pub modbus: Vec<ModbusSourceConfig>,
+    #[serde(default)]
+    pub jsonl: Vec<JsonlSourceConfig>,
     #[serde(default)]
     pub simulator: Vec<SimulatorConfig>,
 }
@@ -419,10 +431,10 @@ const fn default_max_payload_bytes() -> usize {
 const fn default_keep_alive_secs() -> u64 {
     30
 }
-const fn default_reconnect_min_ms() -> u64 {
+pub(crate) const fn default_reconnect_min_ms() -> u64 {
     1000
 }
-const fn default_reconnect_max_ms() -> u64 {
+pub(crate) const fn default_reconnect_max_ms() -> u64 {
     30_000
 }
 const fn default_unit() -> TempUnit {
@@ -536,10 +548,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, LoadError> {
 /// The config that `hvac-edge demo` runs (config/demo.toml, embedded).
 pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
 
-struct Problems(Vec<ConfigError>);
+pub(crate) struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    fn add(&mut self, key: impl Into<String>, problem: impl Into<String>) {
+    pub(crate) fn add(&mut self, key: impl Into<String>, problem: impl Into<String>) {
         self.0.push(ConfigError {
             key: key.into(),
             problem: problem.into(),
@@ -642,10 +654,10 @@ impl Config {
         if p.0.is_empty() { Ok(()) } else { Err(p.0) }
     }
 
-    fn validate_sources(&self, p: &mut Problems) {
+    fn validate_sources<'a>(&'a self, p: &mut Problems) {
         let mut names: HashMap<&str, String> = HashMap::new();
         let mut client_ids: HashMap<(String, u16, String), String> = HashMap::new();
-        let mut claimed: HashMap<&str, String> = HashMap::new();
+        let mut claimed: HashMap<&'a str, String> = HashMap::new();
         for (i, s) in self.sources.mqtt.iter().enumerate() {
             let k = format!("sources.mqtt[{i}]");
             unique_name(p, &mut names, &k, &s.name);
@@ -764,6 +776,57 @@ impl Config {
                     }
                 }
             }
+        }
+        let mut ports: HashMap<PathBuf, String> = HashMap::new();
+        let mut port_once = |p: &mut Problems, k: &str, port: &Path| {
+            if port.as_os_str().is_empty() {
+                return;
+            }
+            if let Some(prev) = ports.get(port) {
+                p.add(
+                    format!("{k}.port"),
+                    format!("{} is also opened by {prev}; a serial port belongs to one source (put every unit of an RS-485 line in one [[sources.modbus]])", port.display()),
+                );
+            } else {
+                ports.insert(port.to_path_buf(), k.to_string());
+            }
+        };
+        let mut claim = |p: &mut Problems, key: String, device: &'a str, owner: &str| {
+            if device.is_empty() {
+                return;
+            }
+            if let Some(prev) = claimed.get(device) {
+                if prev != owner {
+                    p.add(
+                        key,
+                        format!("{device:?} is also claimed by {prev}; a device id belongs to one source"),
+                    );
+                }
+            } else {
+                claimed.insert(device, owner.to_string());
+            }
+        };
+        for (i, s) in self.sources.otgw.iter().enumerate() {
+            let k = format!("sources.otgw[{i}]");
+            unique_name(p, &mut names, &k, &s.name);
+            port_once(p, &k, &s.port);
+            claim(p, format!("{k}.device"), &s.device, &k);
+            serial::check_otgw(p, &k, s);
+        }
+        for (i, s) in self.sources.modbus.iter().enumerate() {
+            let k = format!("sources.modbus[{i}]");
+            unique_name(p, &mut names, &k, &s.name);
+            port_once(p, &k, &s.port);
+            for (j, u) in s.units.iter().enumerate() {
+                claim(p, format!("{k}.units[{j}].device"), &u.device, &format!("{k}.units[{j}]"));
+            }
+            serial::check_modbus(p, &k, s);
+        }
+        for (i, s) in self.sources.jsonl.iter().enumerate() {
+            let k = format!("sources.jsonl[{i}]");
+            unique_name(p, &mut names, &k, &s.name);
+            port_once(p, &k, &s.port);
+            serial::check_jsonl(p, &k, s);
         }
         let mut prefixes: HashMap<&str, String> = HashMap::new();
         for (i, s) in self.sources.simulator.iter().enumerate() {

@@ -10,8 +10,12 @@
 use crate::config::Config;
 use crate::sinks::HttpSink;
 use crate::sources::mqtt::MqttSource;
+use crate::sources::jsonl::JsonlLines;
+use crate::sources::modbus_source::ModbusSource;
+use crate::sources::otgw_source::OtgwLines;
+use crate::sources::serial;
 use crate::sources::simulator::Simulator;
-use crate::sources::{SharedStats, SourceStats};
+use crate::sources::{Link, SharedStats, SourceStats, SourceStatus};
 use crate::store::writer::{Writer, WriterMsg, WriterSettings, WriterStats};
 use crate::store::{self, Options};
 use anyhow::Context as _;
@@ -21,6 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// How often the sources' status is compared and, when changed, stored.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// Store connection options from the config.
 pub fn store_options(cfg: &Config) -> Options {
@@ -153,12 +160,69 @@ pub async fn run(
                 .await;
         });
     }
-    for s in cfg.sources.simulator.clone() {
+    let mut kinds: Vec<&'static str> = vec!["mqtt"; cfg.sources.mqtt.len()];
+    for s in cfg.sources.otgw.clone() {
         let stats: SharedStats = Arc::new(SourceStats::default());
         source_stats.push((s.name.clone(), stats.clone()));
+        kinds.push("otgw");
+        let (proto, settings) = OtgwLines::new(&s, stats.clone());
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(serial::run_line_source(settings, proto, stats, tx, tok));
+    }
+    for s in cfg.sources.jsonl.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        source_stats.push((name.clone(), stats.clone()));
+        kinds.push("jsonl");
+        let (proto, settings) = JsonlLines::new(&s, stats.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(serial::run_line_source(settings, proto, stats, tx, tok));
+    }
+    for s in cfg.sources.modbus.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        source_stats.push((name.clone(), stats.clone()));
+        kinds.push("modbus");
+        let src = ModbusSource::new(s, stats)
+            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        sources.spawn(src.run(tx, tok));
+    }
+    for s in cfg.sources.simulator.clone() {
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        stats.set_link(Link::None, crate::telemetry::now_ms(), None);
+        source_stats.push((s.name.clone(), stats.clone()));
+        kinds.push("simulator");
         let sim = Simulator::new(s, stats);
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());
         sources.spawn(sim.run(tx, tok));
+    }
+    {
+        // The sources' status, stored for `hvac-edge sources` when it changed (at most every
+        // STATUS_EVERY; nothing is written while nothing changes).
+        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        let named: Vec<(String, &'static str, SharedStats)> = source_stats
+            .iter()
+            .zip(kinds.iter())
+            .map(|((n, st), k)| (n.clone(), *k, st.clone()))
+            .collect();
+        sources.spawn(async move {
+            let mut iv = tokio::time::interval(STATUS_EVERY);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last: Vec<SourceStatus> = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = iv.tick() => {}
+                    _ = tok.cancelled() => break,
+                }
+                let now: Vec<SourceStatus> =
+                    named.iter().map(|(n, k, st)| st.snapshot(n, k)).collect();
+                if now != last && tx.try_send(WriterMsg::Status(now.clone())).is_ok() {
+                    last = now;
+                }
+            }
+        });
     }
     {
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());

@@ -25,6 +25,9 @@ fn main() {
             };
             report(res)
         }
+        Command::Sources { db, json } => {
+            report(db.path().and_then(|p| cli::sources::run(&p, json)))
+        }
         Command::Run { config } => run_daemon(&config),
         Command::Demo {
             duration_secs,

@@ -5,6 +5,7 @@
 
 pub mod check_config;
 pub mod queue;
+pub mod sources;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -52,6 +53,14 @@ pub enum Command {
     CheckConfig {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Each source's link, last valid data and error counters (serial ports, Modbus units).
+    Sources {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect the outbox (works while the daemon runs).
     Queue {

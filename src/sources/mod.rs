@@ -4,14 +4,21 @@
 //! the commit, per-source counters and the reconnect backoff. No protocol code lives here, and no
 //! source touches the database or a sink.
 
+pub mod jsonl;
+pub mod modbus;
+pub mod modbus_source;
 pub mod mqtt;
 pub mod otgw;
+pub mod otgw_source;
 pub mod payload;
+pub mod serial;
 pub mod simulator;
 
-use crate::model::Observation;
-use std::sync::Arc;
+use crate::model::{Observation, UnixMs};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Runs once, after the observation it travels with is committed (or found to be a committed
@@ -70,12 +77,157 @@ pub struct SourceStats {
     pub ignored: AtomicU64,
     /// Connections established.
     pub connects: AtomicU64,
+    /// Link state, protocol counters and per-unit status (see [`SourceStatus`]).
+    detail: Mutex<Detail>,
+}
+
+/// The non-atomic part of a source's status.
+#[derive(Debug, Default)]
+pub struct Detail {
+    pub port: Option<String>,
+    pub link: Link,
+    pub since_ms: Option<UnixMs>,
+    pub last_valid_ms: Option<UnixMs>,
+    pub last_error: Option<String>,
+    /// Protocol-specific counters (`bus_errors`, `unknown_ids`, `timeouts`, …).
+    pub counters: BTreeMap<&'static str, u64>,
+    /// Modbus units, in config order.
+    pub units: Vec<UnitStatus>,
+    /// Decoded values with no canonical field (OTGW boiler data), for technicians.
+    pub values: BTreeMap<String, String>,
+}
+
+/// Connection state of a source's link (broker connection or serial port).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// Not connected yet.
+    #[default]
+    Starting,
+    /// Connected (port open, broker session up).
+    Connected,
+    /// Lost or never opened; retrying with backoff.
+    Disconnected,
+    /// A source with no link (the simulator).
+    None,
+}
+
+impl Link {
+    /// The lower-case name shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Starting => "starting",
+            Link::Connected => "connected",
+            Link::Disconnected => "disconnected",
+            Link::None => "-",
+        }
+    }
+}
+
+/// Status of one Modbus unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitStatus {
+    pub unit_id: u8,
+    pub device: String,
+    pub online: bool,
+    pub polls: u64,
+    pub ok: u64,
+    /// Requests with no answer within `request_timeout_ms`.
+    pub timeouts: u64,
+    /// Answers whose CRC did not match (the request then counts as failed).
+    pub crc_errors: u64,
+    /// Modbus exception responses (illegal address, device busy, …).
+    pub exceptions: u64,
+    /// Register values that the map could not translate (no entry in `map`, out of range).
+    pub bad_values: u64,
+    pub consecutive_failures: u32,
+    pub last_ok_ms: Option<UnixMs>,
+    pub last_error: Option<String>,
+}
+
+/// A source's status as `hvac-edge sources` shows it (stored as JSON in `source_status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub name: String,
+    /// `mqtt`, `otgw`, `modbus`, `jsonl` or `simulator`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    pub link: Link,
+    /// When the link entered its current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<UnixMs>,
+    /// Last valid frame, line or poll answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_valid_ms: Option<UnixMs>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub counters: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<UnitStatus>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
 }
 
 impl SourceStats {
     /// Increments a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Locks the non-atomic status (a poisoned lock still yields the data: it is only status).
+    pub fn detail(&self) -> MutexGuard<'_, Detail> {
+        self.detail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `n` to a protocol counter.
+    pub fn count(&self, counter: &'static str, n: u64) {
+        *self.detail().counters.entry(counter).or_default() += n;
+    }
+
+    /// Records a link state change; returns true when the state actually changed (log it then).
+    pub fn set_link(&self, link: Link, now: UnixMs, error: Option<String>) -> bool {
+        let mut d = self.detail();
+        let changed = d.link != link;
+        if changed {
+            d.link = link;
+            d.since_ms = Some(now);
+        }
+        if error.is_some() || link == Link::Connected {
+            d.last_error = error;
+        }
+        changed
+    }
+
+    /// A snapshot for display and storage.
+    pub fn snapshot(&self, name: &str, kind: &str) -> SourceStatus {
+        let d = self.detail();
+        let mut counters: BTreeMap<String, u64> = d
+            .counters
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), *v))
+            .collect();
+        for (k, c) in [
+            ("received", &self.received),
+            ("observations", &self.observations),
+            ("malformed", &self.malformed),
+            ("ignored", &self.ignored),
+            ("connects", &self.connects),
+        ] {
+            counters.insert(k.to_string(), c.load(Ordering::Relaxed));
+        }
+        SourceStatus {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            port: d.port.clone(),
+            link: d.link,
+            since_ms: d.since_ms,
+            last_valid_ms: d.last_valid_ms,
+            last_error: d.last_error.clone(),
+            counters,
+            units: d.units.clone(),
+            values: d.values.clone(),
+        }
     }
 }
 

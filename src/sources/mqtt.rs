@@ -205,6 +205,8 @@ impl MqttSource {
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     SourceStats::inc(&self.stats.connects);
+                    self.stats
+                        .set_link(super::Link::Connected, crate::telemetry::now_ms(), None);
                     connected = true;
                     backoff.reset();
                     if failing {
@@ -250,6 +252,11 @@ impl MqttSource {
                     }
                     connected = false;
                     failing = true;
+                    self.stats.set_link(
+                        super::Link::Disconnected,
+                        crate::telemetry::now_ms(),
+                        Some(e.to_string()),
+                    );
                     let wait = backoff.next_delay();
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}

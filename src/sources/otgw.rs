@@ -2,11 +2,12 @@
 //!
 //! Owns the line classifier ([`parse_line`]), the 32-bit frame layout, the OpenTherm value
 //! encodings, the data-id → [`Reported`] mapping and the byte-to-line splitter ([`LineBuffer`]).
-//! Must not do I/O, log, read a clock or keep state between lines (except the splitter's buffer).
+//! Must not do I/O, log or read a clock; the only state kept between lines is the splitter's
+//! buffer and the [`Decoder`]'s override state (the serial task in `otgw_source.rs` does the rest).
 //! Invariants: no input makes it panic; a line is a frame only if it is a source letter plus exactly
 //! 8 upper-case hex digits; facts and line shapes follow shared/design/protocols.md Part A.
 
-use crate::model::{Fixed, Function, LoadState, Reported, TempUnit, Temperature};
+use crate::model::{Fixed, Function, LoadState, Mode, Reported, TempUnit, Temperature};
 
 /// Longest accepted line in bytes, terminator excluded. The longest legitimate output is the
 /// PS=1 summary line, at most about 280 characters (protocols.md §6.3); everything else is short.
@@ -492,6 +493,150 @@ pub fn to_reported(frame: &Frame) -> Option<Reported> {
         _ => return None,
     }
     Some(r)
+}
+
+// ------------------------------------------------------------------ stateful decoding (§6)
+
+/// Data id of the remote override room setpoint (f8.8, 0 = no override).
+pub const ID_REMOTE_OVERRIDE: u8 = 9;
+/// Data id of the remote override function flags (LB bit0 manual, bit1 program change priority).
+pub const ID_REMOTE_OVERRIDE_FUNCTION: u8 = 100;
+
+/// Whether a data id is defined by the OpenTherm specification (v2.2 plus the ventilation and
+/// solar ids of later versions); frames with other ids are counted as unknown.
+pub fn is_known_id(id: u8) -> bool {
+    matches!(id, 0..=33 | 37..=39 | 48..=58 | 70..=91 | 93..=102 | 113..=127)
+}
+
+/// The gateway's remote-override state as the thermostat sees it (protocols.md §6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Override {
+    /// Id 9 answered 0.
+    None,
+    /// Id 9 non-zero with id 100 bit 1 set (`TT`), or flags not seen yet.
+    Temporary,
+    /// Id 9 non-zero with only id 100 bit 0 set (`TC`).
+    Constant,
+}
+
+/// What one frame contributed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decoded {
+    /// Canonical fields, in the order the frames were decided (a held frame may come first).
+    pub reported: Vec<Reported>,
+    /// Boiler-side values with no canonical field, for status output: (name, °C / % / bar).
+    pub values: Vec<(&'static str, Fixed)>,
+}
+
+/// Stateful decoding of the frame stream into canonical fields: [`to_reported`] plus the
+/// remote-override state (ids 9 and 100) → `mode`, and the boiler values shown in status.
+///
+/// Ids 9 and 100 are answered twice when the gateway overrides: first the boiler's `B` line,
+/// then the gateway's own `A` line, which is what the thermostat acts on (§2.2, §6.1). A `B`
+/// READ-ACK for those ids is therefore held until the next frame: dropped if that is the `A`
+/// for the same id, used otherwise. So an active override never flaps through "no override".
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    held: Option<Frame>,
+    override_active: Option<bool>,
+    override_flags: Option<u8>,
+    modes: [Mode; 3],
+}
+
+impl Decoder {
+    /// `modes`: the canonical mode for no override, a temporary one and a constant one.
+    pub fn new(none: Mode, temporary: Mode, constant: Mode) -> Decoder {
+        Decoder {
+            held: None,
+            override_active: None,
+            override_flags: None,
+            modes: [none, temporary, constant],
+        }
+    }
+
+    /// The override state, once id 9 has been answered.
+    pub fn override_state(&self) -> Option<Override> {
+        let active = self.override_active?;
+        Some(if !active {
+            Override::None
+        } else if self.override_flags.is_some_and(|f| f & 0b11 == 0b01) {
+            Override::Constant
+        } else {
+            Override::Temporary
+        })
+    }
+
+    /// Feeds one frame.
+    pub fn frame(&mut self, f: Frame) -> Decoded {
+        let mut out = Decoded::default();
+        let is_override_id = matches!(
+            f.data_id(),
+            ID_REMOTE_OVERRIDE | ID_REMOTE_OVERRIDE_FUNCTION
+        );
+        if let Some(held) = self.held.take()
+            && !(f.source == Source::Answer && f.data_id() == held.data_id())
+        {
+            self.apply_override(held, &mut out);
+        }
+        if is_override_id && f.msg_type() == MsgType::ReadAck {
+            match f.source {
+                Source::Boiler => self.held = Some(f),
+                Source::Answer => self.apply_override(f, &mut out),
+                _ => {}
+            }
+        }
+        if let Some(r) = to_reported(&f) {
+            out.reported.push(r);
+        }
+        if let Some(v) = boiler_value(&f) {
+            out.values.push(v);
+        }
+        out
+    }
+
+    fn apply_override(&mut self, f: Frame, out: &mut Decoded) {
+        if f.data_id() == ID_REMOTE_OVERRIDE {
+            self.override_active = Some(f.value() != 0);
+        } else {
+            self.override_flags = Some(f.lb());
+        }
+        if let Some(state) = self.override_state() {
+            let mode = match state {
+                Override::None => self.modes[0],
+                Override::Temporary => self.modes[1],
+                Override::Constant => self.modes[2],
+            };
+            out.reported.push(Reported {
+                mode: Some(mode),
+                ..Reported::default()
+            });
+        }
+        if f.data_id() == ID_REMOTE_OVERRIDE && f.value() != 0 {
+            out.values.push(("override_setpoint", f8_8(f.value())));
+        }
+    }
+}
+
+/// Boiler values with no canonical field, from the boiler's acknowledgements (`B` lines).
+fn boiler_value(f: &Frame) -> Option<(&'static str, Fixed)> {
+    if f.source != Source::Boiler
+        || !matches!(f.msg_type(), MsgType::ReadAck | MsgType::WriteAck)
+    {
+        return None;
+    }
+    let name = match f.data_id() {
+        1 => "control_setpoint",
+        17 => "relative_modulation",
+        18 => "ch_water_pressure",
+        25 => "boiler_water_temperature",
+        26 => "dhw_temperature",
+        27 => "outside_temperature",
+        28 => "return_water_temperature",
+        56 => "dhw_setpoint",
+        57 => "max_ch_setpoint",
+        _ => return None,
+    };
+    Some((name, f8_8(f.value())))
 }
 
 // ------------------------------------------------------------------ byte stream → lines

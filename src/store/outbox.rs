@@ -374,3 +374,34 @@ pub fn sink_row(conn: &Connection, path: &Path, name: &str) -> Result<Option<Sin
     .optional()
     .map_err(ctx(path))
 }
+
+/// The sources' status as the daemon last stored it, with when it was stored, by name.
+/// A row that does not parse (written by another version) is returned as a status with only
+/// name and kind, rather than failing the whole listing.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn source_status(
+    conn: &Connection,
+    path: &Path,
+) -> Result<Vec<(crate::sources::SourceStatus, i64)>, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare("SELECT name, kind, status, updated_at FROM source_status ORDER BY name")
+        .map_err(&c)?;
+    let rows = st
+        .query_map([], |r| {
+            let name: String = r.get(0)?;
+            let kind: String = r.get(1)?;
+            let json: String = r.get(2)?;
+            let at: i64 = r.get(3)?;
+            let status = serde_json::from_str(&json).unwrap_or(crate::sources::SourceStatus {
+                name,
+                kind,
+                ..Default::default()
+            });
+            Ok((status, at))
+        })
+        .map_err(&c)?;
+    rows.collect::<Result<_, _>>().map_err(&c)
+}

@@ -14,6 +14,11 @@
 //!   `mqtt_recent` when a commit produced no event, and when garbage collection deletes the
 //!   event that carried them.
 //! - `meta`: counters and markers (`checkpoint_pos`, `evicted_events`).
+//!
+//! Added in v2:
+//! - `source_status`: one row per source, the JSON of `sources::SourceStatus` (link state, last
+//!   valid data, counters, Modbus units), written by the writer at most every few seconds and
+//!   only when it changed; read by `hvac-edge sources`. Status only: never needed for delivery.
 
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
@@ -73,6 +78,15 @@ CREATE TABLE mqtt_recent (
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+"#,
+    // v2: per-source status for `hvac-edge sources`.
+    r#"
+CREATE TABLE source_status (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
 );
 "#,
 ];

@@ -33,6 +33,8 @@ pub enum WriterMsg {
     Observe(Envelope),
     /// Periodic housekeeping (about once a second): snapshots, checkpoint, GC, cap, watchdog.
     Tick,
+    /// The sources' status, to store for `hvac-edge sources` (sent only when it changed).
+    Status(Vec<crate::sources::SourceStatus>),
 }
 
 /// Settings of the writer, resolved from the config.
@@ -121,6 +123,8 @@ pub struct Writer {
     checkpoint_pos: i64,
     last_checkpoint: Instant,
     last_housekeeping: Instant,
+    /// Sources' status waiting to be stored.
+    pending_status: Option<Vec<crate::sources::SourceStatus>>,
     last_gc_bound: i64,
     committed_tx: watch::Sender<i64>,
     stats: Arc<WriterStats>,
@@ -275,6 +279,7 @@ impl Writer {
             checkpoint_pos,
             last_checkpoint: Instant::now(),
             last_housekeeping: Instant::now(),
+            pending_status: None,
             last_gc_bound: -1,
             committed_tx,
             stats,
@@ -315,12 +320,14 @@ impl Writer {
             match first {
                 WriterMsg::Tick => tick = true,
                 WriterMsg::Observe(e) => batch.push(e),
+                WriterMsg::Status(st) => self.pending_status = Some(st),
             }
             let deadline = Instant::now() + self.s.commit_delay;
             while batch.len() < self.s.batch_max {
                 match rx.try_recv() {
                     Ok(WriterMsg::Observe(e)) => batch.push(e),
                     Ok(WriterMsg::Tick) => tick = true,
+                    Ok(WriterMsg::Status(st)) => self.pending_status = Some(st),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -332,6 +339,7 @@ impl Writer {
                         }) {
                             Ok(Some(WriterMsg::Observe(e))) => batch.push(e),
                             Ok(Some(WriterMsg::Tick)) => tick = true,
+                            Ok(Some(WriterMsg::Status(st))) => self.pending_status = Some(st),
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -347,12 +355,38 @@ impl Writer {
                 self.last_housekeeping = Instant::now();
                 self.housekeeping(crate::telemetry::now_ms())?;
             }
+            if let Some(st) = self.pending_status.take() {
+                self.write_status(&st);
+            }
             (self.on_commit)(&self.stats);
         }
         self.checkpoint()?;
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         tracing::info!(last_pos = self.last_pos, "Writer flushed and stopped");
         Ok(())
+    }
+
+    /// Stores the sources' status (one upsert per source, one transaction). A failure is logged
+    /// and otherwise ignored: status is for display, never needed for delivery.
+    fn write_status(&mut self, status: &[crate::sources::SourceStatus]) {
+        let now = crate::telemetry::now_ms();
+        let res = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            {
+                let mut up = tx.prepare_cached(
+                    "INSERT INTO source_status (name, kind, status, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, status = excluded.status, updated_at = excluded.updated_at",
+                )?;
+                for st in status {
+                    let json = serde_json::to_string(st).unwrap_or_default();
+                    up.execute(rusqlite::params![st.name, st.kind, json, now])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "Cannot store the sources' status (display only; carrying on)");
+        }
     }
 
     fn commit_with_retry(&mut self, batch: &mut Vec<Envelope>) -> Result<(), Error> {
