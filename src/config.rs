@@ -8,11 +8,11 @@
 mod serial;
 
 use crate::model::TempUnit;
+use serde::Deserialize;
 pub use serial::{
     JsonlSourceConfig, ModbusSourceConfig, ModbusUnitConfig, OtgwSourceConfig, OverrideModes,
     Parity, SerialLine, valid_otgw_command,
 };
-use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -818,7 +818,12 @@ impl Config {
             unique_name(p, &mut names, &k, &s.name);
             port_once(p, &k, &s.port);
             for (j, u) in s.units.iter().enumerate() {
-                claim(p, format!("{k}.units[{j}].device"), &u.device, &format!("{k}.units[{j}]"));
+                claim(
+                    p,
+                    format!("{k}.units[{j}].device"),
+                    &u.device,
+                    &format!("{k}.units[{j}]"),
+                );
             }
             serial::check_modbus(p, &k, s);
         }

@@ -9,9 +9,9 @@
 
 use crate::config::Config;
 use crate::sinks::HttpSink;
-use crate::sources::mqtt::MqttSource;
 use crate::sources::jsonl::JsonlLines;
 use crate::sources::modbus_source::ModbusSource;
+use crate::sources::mqtt::MqttSource;
 use crate::sources::otgw_source::OtgwLines;
 use crate::sources::serial;
 use crate::sources::simulator::Simulator;

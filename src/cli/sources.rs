@@ -40,7 +40,9 @@ pub fn run(db: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn ago(t: Option<i64>, now: i64) -> String {
-    t.map_or("never".to_string(), |t| format!("{} ago", human_ms(now - t)))
+    t.map_or("never".to_string(), |t| {
+        format!("{} ago", human_ms(now - t))
+    })
 }
 
 fn print_source(s: &SourceStatus, at: i64, now: i64) {
@@ -48,7 +50,9 @@ fn print_source(s: &SourceStatus, at: i64, now: i64) {
         "{} ({}){}: {}{}; last valid data {}; status as of {} ago",
         s.name,
         s.kind,
-        s.port.as_ref().map_or(String::new(), |p| format!(" on {p}")),
+        s.port
+            .as_ref()
+            .map_or(String::new(), |p| format!(" on {p}")),
         s.link.as_str(),
         s.since_ms
             .map_or(String::new(), |t| format!(" for {}", human_ms(now - t))),

@@ -49,10 +49,7 @@ impl SerialLine {
             Parity::Even => 'E',
             Parity::Odd => 'O',
         };
-        format!(
-            "{} {}{}{}",
-            self.baud, self.data_bits, p, self.stop_bits
-        )
+        format!("{} {}{}{}", self.baud, self.data_bits, p, self.stop_bits)
     }
 }
 
@@ -347,7 +344,10 @@ pub(super) fn check_modbus(p: &mut Problems, k: &str, s: &ModbusSourceConfig) {
         );
     }
     if s.units.is_empty() {
-        p.add(format!("{k}.units"), "at least one [[sources.modbus.units]] is needed");
+        p.add(
+            format!("{k}.units"),
+            "at least one [[sources.modbus.units]] is needed",
+        );
     }
     let mut ids = std::collections::HashMap::new();
     for (i, u) in s.units.iter().enumerate() {
@@ -357,7 +357,10 @@ pub(super) fn check_modbus(p: &mut Problems, k: &str, s: &ModbusSourceConfig) {
         } else if let Some(j) = ids.insert(u.unit_id, i) {
             p.add(
                 format!("{uk}.unit_id"),
-                format!("{} is already used by {k}.units[{j}] on this line", u.unit_id),
+                format!(
+                    "{} is already used by {k}.units[{j}] on this line",
+                    u.unit_id
+                ),
             );
         }
         if u.device.is_empty() {

@@ -1591,11 +1591,6 @@ fn unknown_key_in_sinks_http_is_rejected() {
 #[test]
 fn source_and_sink_kinds_of_later_releases_are_rejected() {
     assert_unknown_key(
-        &format!("{GATEWAY}[[sources.otgw]]\nname = \"boiler\"\n"),
-        "otgw",
-        3,
-    );
-    assert_unknown_key(
         &format!("{GATEWAY}[[sinks.webhook]]\nname = \"portal\"\n"),
         "webhook",
         3,
@@ -1801,6 +1796,27 @@ fn the_reference_config_mentions_every_accepted_key() {
             ),
         ),
         ("sources.simulator", format!("{GATEWAY}{}", sim(probe))),
+        ("sources.otgw", format!("{GATEWAY}{}", otgw(probe))),
+        (
+            "sources.otgw.override_modes",
+            format!(
+                "{GATEWAY}{}[sources.otgw.override_modes]\n{probe}",
+                otgw("")
+            ),
+        ),
+        ("sources.modbus", format!("{GATEWAY}{}", modbus(probe))),
+        (
+            "sources.modbus.units",
+            format!(
+                "{GATEWAY}{}",
+                modbus(&format!("[[sources.modbus.units]]\n{probe}"))
+            ),
+        ),
+        ("sources.jsonl", format!("{GATEWAY}{}", jsonl(probe, ""))),
+        (
+            "sources.jsonl.mapping",
+            format!("{GATEWAY}{}", jsonl("", probe)),
+        ),
         ("sinks.http", format!("{GATEWAY}{}", https(probe))),
     ];
     let lines: Vec<&str> = REFERENCE_TOML
@@ -1813,10 +1829,11 @@ fn the_reference_config_mentions_every_accepted_key() {
         for key in keys {
             let as_value = format!("{key} =");
             let as_table = format!("[{section}.{key}");
+            let as_array = format!("[[{section}.{key}]]");
             assert!(
-                lines
-                    .iter()
-                    .any(|l| l.starts_with(&as_value) || l.starts_with(&as_table)),
+                lines.iter().any(|l| l.starts_with(&as_value)
+                    || l.starts_with(&as_table)
+                    || l.starts_with(&as_array)),
                 "config/hvac-edge.toml does not mention {section}.{key}"
             );
         }
@@ -1865,4 +1882,251 @@ fn the_generic_esphome_example_is_valid() {
         mapping.availability_device("home/living-room/status"),
         Some("living-room".to_string())
     );
+}
+
+// ------------------------------------------------------------------ serial sources
+
+/// An OTGW source with extra keys.
+fn otgw(extra: &str) -> String {
+    format!("[[sources.otgw]]\nname = \"boiler\"\nport = \"/dev/ttyUSB0\"\n{extra}")
+}
+
+/// A Modbus source (no units) with extra keys; units go in `extra`, after the source keys.
+fn modbus(extra: &str) -> String {
+    format!("[[sources.modbus]]\nname = \"fcu\"\nport = \"/dev/ttyUSB1\"\n{extra}")
+}
+
+const UNIT: &str =
+    "[[sources.modbus.units]]\nunit_id = 1\ndevice = \"office\"\nmap = \"siemens-rdf302\"\n";
+
+/// A JSON-lines source: `extra` in the source table, `mapping_extra` in its mapping table.
+fn jsonl(extra: &str, mapping_extra: &str) -> String {
+    format!(
+        "[[sources.jsonl]]\nname = \"fw\"\nport = \"/dev/ttyACM0\"\n{extra}[sources.jsonl.mapping]\ndevice = \"/id\"\n{mapping_extra}[sources.jsonl.mapping.fields]\nsetpoint = \"/sp\"\n"
+    )
+}
+
+#[test]
+fn serial_sources_parse_with_their_defaults() {
+    let c = parse(
+        &format!("{GATEWAY}{}{}{}", otgw(""), modbus(UNIT), jsonl("", "")),
+        Path::new("t.toml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = &c.sources.otgw[0];
+    assert_eq!(o.line().describe(), "9600 8N1");
+    assert_eq!((o.device.as_str(), o.silence_timeout_secs), ("otgw", 60));
+    assert!(o.setup_commands.is_empty());
+    assert_eq!(o.override_modes, OverrideModes::default());
+    let m = &c.sources.modbus[0];
+    assert_eq!(m.line().describe(), "9600 8N1");
+    assert_eq!(
+        (
+            m.poll_interval_ms,
+            m.request_timeout_ms,
+            m.offline_after_failed_polls
+        ),
+        (1000, 300, 3)
+    );
+    let j = &c.sources.jsonl[0];
+    assert_eq!(j.line().describe(), "115200 8N1");
+    assert_eq!((j.max_line_bytes, j.silence_timeout_secs), (4096, 0));
+}
+
+#[test]
+fn serial_line_settings_are_checked() {
+    assert_problems(
+        &otgw("baud = 100\ndata_bits = 9\nstop_bits = 3\nreconnect_min_ms = 0\n"),
+        &[
+            ("sources.otgw[0].baud", "must be between 300 and 4000000"),
+            ("sources.otgw[0].data_bits", "must be 5, 6, 7 or 8"),
+            ("sources.otgw[0].stop_bits", "must be 1 or 2"),
+            (
+                "sources.otgw[0].reconnect_min_ms",
+                "must be at least 1 and at most reconnect_max_ms",
+            ),
+        ],
+    );
+    assert_problems(
+        "[[sources.otgw]]\nname = \"b\"\nport = \"ttyUSB0\"\n",
+        &[(
+            "sources.otgw[0].port",
+            "\"ttyUSB0\" must be an absolute path such as /dev/ttyUSB0 or /dev/serial/by-id/…",
+        )],
+    );
+    let e = parse_error(&format!("{GATEWAY}{}", modbus("parity = \"mark\"\n")));
+    assert!(e.contains("unknown variant `mark`"), "{e}");
+    assert_valid(&modbus(&format!(
+        "parity = \"even\"\nbaud = 19200\nstop_bits = 2\n{UNIT}"
+    )));
+}
+
+#[test]
+fn a_port_belongs_to_one_source() {
+    assert_problems(
+        &format!(
+            "{}{}",
+            otgw(""),
+            "[[sources.jsonl]]\nname = \"fw\"\nport = \"/dev/ttyUSB0\"\n[sources.jsonl.mapping]\ndevice = \"/id\"\n[sources.jsonl.mapping.fields]\nsetpoint = \"/sp\"\n"
+        ),
+        &[(
+            "sources.jsonl[0].port",
+            "/dev/ttyUSB0 is also opened by sources.otgw[0]; a serial port belongs to one source (put every unit of an RS-485 line in one [[sources.modbus]])",
+        )],
+    );
+}
+
+#[test]
+fn otgw_keys_are_checked() {
+    assert_problems(
+        &otgw(
+            "device = \"\"\nsilence_timeout_secs = 1\nsetup_commands = [\"PS=0\", \"ps=0\", \"PS=0\\r\\nGW=1\"]\n[sources.otgw.override_modes]\ntemporary = \"HOLD\"\n",
+        ),
+        &[
+            ("sources.otgw[0].device", "must not be empty"),
+            (
+                "sources.otgw[0].silence_timeout_secs",
+                "must be between 2 and 86400 (the gateway prints a line about every second)",
+            ),
+            (
+                "sources.otgw[0].setup_commands[1]",
+                "\"ps=0\" is not an OTGW command; expected two capital letters, '=', a value (e.g. \"PS=0\")",
+            ),
+            (
+                "sources.otgw[0].setup_commands[2]",
+                "\"PS=0\\r\\nGW=1\" is not an OTGW command; expected two capital letters, '=', a value (e.g. \"PS=0\")",
+            ),
+            (
+                "sources.otgw[0].override_modes.temporary",
+                "unknown mode \"HOLD\"; use AUTOMATIC, MANUAL, BOOST, OFF or PROTECTION",
+            ),
+        ],
+    );
+    assert_valid(&otgw(
+        "setup_commands = [\"PS=0\", \"PR=O\", \"TT=21.50\"]\n[sources.otgw.override_modes]\nnone = \"AUTOMATIC\"\ntemporary = \"BOOST\"\nconstant = \"MANUAL\"\n",
+    ));
+}
+
+#[test]
+fn modbus_keys_are_checked() {
+    assert_problems(
+        &modbus("poll_interval_ms = 50\nrequest_timeout_ms = 5\noffline_after_failed_polls = 0\n"),
+        &[
+            (
+                "sources.modbus[0].poll_interval_ms",
+                "must be between 100 and 3600000",
+            ),
+            (
+                "sources.modbus[0].request_timeout_ms",
+                "must be between 20 and 10000",
+            ),
+            (
+                "sources.modbus[0].offline_after_failed_polls",
+                "must be between 1 and 1000",
+            ),
+            (
+                "sources.modbus[0].units",
+                "at least one [[sources.modbus.units]] is needed",
+            ),
+        ],
+    );
+    assert_problems(
+        &modbus(&format!(
+            "{UNIT}[[sources.modbus.units]]\nunit_id = 1\ndevice = \"\"\nmap = \"no-such\"\n[[sources.modbus.units]]\nunit_id = 0\ndevice = \"b\"\nmap = \"/nonexistent/map.toml\"\n"
+        )),
+        &[
+            (
+                "sources.modbus[0].units[1].unit_id",
+                "1 is already used by sources.modbus[0].units[0] on this line",
+            ),
+            ("sources.modbus[0].units[1].device", "must not be empty"),
+            (
+                "sources.modbus[0].units[1].map",
+                "\"no-such\" is not a preset (siemens-rdf302, beca-bht-006, engo-efan) nor a file path",
+            ),
+            (
+                "sources.modbus[0].units[2].unit_id",
+                "must be between 1 and 247",
+            ),
+            (
+                "sources.modbus[0].units[2].map",
+                "cannot read map file /nonexistent/map.toml: No such file or directory (os error 2)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_modbus_map_file_problem_names_the_file_and_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("map.toml");
+    std::fs::write(
+        &f,
+        "[[registers]]\nfield = \"setpoint\"\naddress = 3\ntype = \"u64\"\n",
+    )
+    .unwrap();
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        modbus(&format!(
+            "[[sources.modbus.units]]\nunit_id = 2\ndevice = \"x\"\nmap = \"{}\"\n",
+            f.display()
+        ))
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sources.modbus[0].units[0].map");
+    assert!(
+        got[0].problem.starts_with(&format!("{}: ", f.display())),
+        "{}",
+        got[0].problem
+    );
+    assert!(
+        got[0].problem.contains("unknown variant `u64`"),
+        "{}",
+        got[0].problem
+    );
+}
+
+#[test]
+fn device_ids_are_unique_across_serial_sources() {
+    assert_problems(
+        &format!("{}{}", otgw("device = \"office\"\n"), modbus(UNIT)),
+        &[(
+            "sources.modbus[0].units[0].device",
+            "\"office\" is also claimed by sources.otgw[0]; a device id belongs to one source",
+        )],
+    );
+}
+
+#[test]
+fn jsonl_keys_are_checked() {
+    assert_problems(
+        &jsonl("max_line_bytes = 10\nsilence_timeout_secs = 100000\n", ""),
+        &[
+            (
+                "sources.jsonl[0].max_line_bytes",
+                "must be between 64 and 1048576",
+            ),
+            (
+                "sources.jsonl[0].silence_timeout_secs",
+                "must be at most 86400 (0 = never)",
+            ),
+        ],
+    );
+    let text = jsonl("", "availability_topic = \"x/{device}\"\n")
+        .replace("device = \"/id\"", "device = \"{topic:1}\"");
+    let got = problems_of(&format!("{GATEWAY}{text}"));
+    let keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        &keys[..2],
+        [
+            "sources.jsonl[0].mapping.device",
+            "sources.jsonl[0].mapping.availability_topic"
+        ],
+        "{got:?}"
+    );
+    assert_eq!(
+        got[0].problem,
+        "\"{topic:1}\": a JSON-lines source has no topic; use a JSON pointer such as \"/id\""
+    );
+    assert_valid(&jsonl("", "unit = \"F\"\n"));
 }

@@ -151,7 +151,10 @@ load_state = "/relay"
     #[test]
     fn maps_a_line_and_remembers_the_device() {
         let (mut l, _) = lines();
-        let out = l.line(Ok(r#"{"id":"room-1","sp":21.5,"t":19.98,"relay":true}"#.into()), 0);
+        let out = l.line(
+            Ok(r#"{"id":"room-1","sp":21.5,"t":19.98,"relay":true}"#.into()),
+            0,
+        );
         assert!(out.valid);
         assert_eq!(out.observations.len(), 1);
         let (d, r) = &out.observations[0];

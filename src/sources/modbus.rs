@@ -36,7 +36,10 @@ pub const PRESETS: &[(&str, &str)] = &[
         "beca-bht-006",
         include_str!("../../config/modbus/beca-bht-006.toml"),
     ),
-    ("engo-efan", include_str!("../../config/modbus/engo-efan.toml")),
+    (
+        "engo-efan",
+        include_str!("../../config/modbus/engo-efan.toml"),
+    ),
 ];
 
 /// Most registers one Modbus read may return (the protocol's limit is 125).
@@ -469,7 +472,11 @@ mod tests {
         for (name, _) in PRESETS {
             let m = load_map(name).unwrap_or_else(|e| panic!("{e}"));
             assert!(!m.requests.is_empty(), "{name}");
-            assert!(m.requests.iter().all(|r| r.count >= 1 && r.count <= MAX_READ));
+            assert!(
+                m.requests
+                    .iter()
+                    .all(|r| r.count >= 1 && r.count <= MAX_READ)
+            );
         }
     }
 
@@ -517,8 +524,7 @@ mod tests {
 
     #[test]
     fn types_word_order_and_scale() {
-        let m = map(
-            r#"
+        let m = map(r#"
 [[registers]]
 field = "temperature"
 address = 0
@@ -538,8 +544,7 @@ scale = 0.01
 field = "program"
 address = 5
 type = "s32"
-"#,
-        );
+"#);
         assert_eq!(
             m.requests,
             vec![ReadRequest {
@@ -549,15 +554,7 @@ type = "s32"
             }]
         );
         let f = 21.5f32.to_bits();
-        let words = vec![
-            (-55i16) as u16,
-            (f >> 16) as u16,
-            f as u16,
-            4550,
-            0,
-            0,
-            3,
-        ];
+        let words = vec![(-55i16) as u16, (f >> 16) as u16, f as u16, 4550, 0, 0, 3];
         let (r, bad) = m.decode(&[words]);
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(r.temperature.map(|t| t.value), Some(Fixed(-550)));
@@ -568,8 +565,7 @@ type = "s32"
 
     #[test]
     fn unmapped_enum_values_are_reported_not_guessed() {
-        let m = map(
-            r#"
+        let m = map(r#"
 [[registers]]
 field = "mode"
 address = 2
@@ -578,8 +574,7 @@ map = { 0 = "AUTOMATIC", 1 = "MANUAL" }
 field = "setpoint"
 address = 4
 scale = 0.1
-"#,
-        );
+"#);
         let (r, bad) = m.decode(&[vec![7], vec![215]]);
         assert_eq!(r.mode, None);
         assert_eq!(r.setpoint.map(|t| t.value), Some(Fixed(2150)));
@@ -632,7 +627,11 @@ map = { x = "MANUAL", 2 = "WARM" }
         let mut text = String::new();
         for a in 0..130u16 {
             let field = if a == 0 { "temperature" } else { "load_state" };
-            let extra = if a == 0 { "" } else { "map = { 0 = \"INACTIVE\", \"*\" = \"ACTIVE\" }" };
+            let extra = if a == 0 {
+                ""
+            } else {
+                "map = { 0 = \"INACTIVE\", \"*\" = \"ACTIVE\" }"
+            };
             text.push_str(&format!(
                 "[[registers]]\nfield = \"{field}\"\naddress = {a}\n{extra}\n"
             ));

@@ -87,7 +87,11 @@ impl ModbusSource {
         }
         {
             let mut d = stats.detail();
-            d.port = Some(format!("{} ({})", cfg.port.display(), cfg.line().describe()));
+            d.port = Some(format!(
+                "{} ({})",
+                cfg.port.display(),
+                cfg.line().describe()
+            ));
             d.units = units
                 .iter()
                 .map(|u| UnitStatus {
@@ -111,7 +115,8 @@ impl ModbusSource {
         if self.cfg.baud > 19_200 {
             return Duration::from_micros(1750);
         }
-        let bits_per_char = 1 + u64::from(self.cfg.data_bits)
+        let bits_per_char = 1
+            + u64::from(self.cfg.data_bits)
             + u64::from(self.cfg.stop_bits)
             + u64::from(self.cfg.parity != crate::config::Parity::None);
         Duration::from_micros(3_500_000 * bits_per_char / 10 / u64::from(self.cfg.baud).max(1))
@@ -378,10 +383,7 @@ async fn poll_unit(
         tokio::time::sleep(gap).await;
         match res {
             Err(_elapsed) => {
-                let bytes = sniffed
-                    .lock()
-                    .map(|b| b.clone())
-                    .unwrap_or_default();
+                let bytes = sniffed.lock().map(|b| b.clone()).unwrap_or_default();
                 return PollEnd::Failed(if bytes.is_empty() {
                     Failure::Timeout
                 } else {
@@ -463,10 +465,7 @@ impl AsyncWrite for Sniff {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

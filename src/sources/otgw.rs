@@ -619,9 +619,7 @@ impl Decoder {
 
 /// Boiler values with no canonical field, from the boiler's acknowledgements (`B` lines).
 fn boiler_value(f: &Frame) -> Option<(&'static str, Fixed)> {
-    if f.source != Source::Boiler
-        || !matches!(f.msg_type(), MsgType::ReadAck | MsgType::WriteAck)
-    {
+    if f.source != Source::Boiler || !matches!(f.msg_type(), MsgType::ReadAck | MsgType::WriteAck) {
         return None;
     }
     let name = match f.data_id() {

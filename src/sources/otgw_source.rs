@@ -4,9 +4,9 @@
 //! Everything the gateway prints that is not a frame is counted by kind (bus errors, rejected
 //! frames, command responses, error tokens, noise) and never stops the source.
 
+use super::SharedStats;
 use super::otgw::{Decoder, Line, LineError, Source, is_known_id, parse_line};
 use super::serial::{LineOutcome, LineProtocol, LineSourceSettings};
-use super::SharedStats;
 use crate::config::OtgwSourceConfig;
 use crate::model::{Mode, UnixMs};
 use crate::telemetry::RateLimit;

@@ -317,8 +317,13 @@ mod tests {
 
     #[tokio::test]
     async fn missing_port_names_the_path() {
-        let e = open(&line("/dev/hvac-edge-no-such-tty")).err().unwrap_or_default();
-        assert!(e.contains("/dev/hvac-edge-no-such-tty does not exist"), "{e}");
+        let e = open(&line("/dev/hvac-edge-no-such-tty"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("/dev/hvac-edge-no-such-tty does not exist"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
