@@ -1243,4 +1243,118 @@ mod tests {
             }
         }
     }
+
+    fn decode_all(d: &mut Decoder, lines: &[&str]) -> (Vec<Reported>, Vec<(&'static str, Fixed)>) {
+        let mut reported = Vec::new();
+        let mut values = Vec::new();
+        for line in lines {
+            if let Ok(Line::Frame(f)) = parse_line(line) {
+                let out = d.frame(f);
+                reported.extend(out.reported);
+                values.extend(out.values);
+            }
+        }
+        (reported, values)
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(Mode::Automatic, Mode::Manual, Mode::Manual)
+    }
+
+    fn mode(m: Mode) -> Reported {
+        Reported {
+            mode: Some(m),
+            ..Reported::default()
+        }
+    }
+
+    #[test]
+    fn decoder_turns_the_worked_example_into_exact_changes() {
+        let mut d = Decoder::new(Mode::Automatic, Mode::Boost, Mode::Manual);
+        let (reported, values) = decode_all(&mut d, &WORKED_EXAMPLE);
+        let status = Reported {
+            load_state: Some(LoadState::Active),
+            function: Some(Function::Heating),
+            ..Reported::default()
+        };
+        let sp = |v| Reported {
+            setpoint: Some(celsius(v)),
+            ..Reported::default()
+        };
+        let temp = Reported {
+            temperature: Some(celsius(1998)),
+            ..Reported::default()
+        };
+        // Line 14 (A, id 9, 21.5) starts a temporary override (flags not seen yet → temporary);
+        // line 17 (A, id 100 flags 0b11) confirms it.
+        assert_eq!(
+            reported,
+            vec![
+                status,
+                sp(2050),
+                temp,
+                mode(Mode::Boost),
+                mode(Mode::Boost),
+                sp(2150)
+            ]
+        );
+        assert_eq!(d.override_state(), Some(Override::Temporary));
+        assert_eq!(
+            values,
+            vec![
+                ("control_setpoint", Fixed(4550)),
+                ("relative_modulation", Fixed(3750)),
+                ("override_setpoint", Fixed(2150)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_boiler_answer_to_id_9_is_superseded_by_the_gateways() {
+        let mut d = decoder();
+        // The boiler supports id 9 and says "no override"; the gateway answers 21.5 (TC).
+        let (r, _) = decode_all(&mut d, &["T00090000", "BC0090000", "AC0091580"]);
+        assert_eq!(r, vec![mode(Mode::Manual)]);
+        // Flags 0b01: constant.
+        let (r, _) = decode_all(&mut d, &["T80640000", "B70640000", "A40640101"]);
+        assert_eq!(r, vec![mode(Mode::Manual)]);
+        assert_eq!(d.override_state(), Some(Override::Constant));
+        // The boiler alone (no gateway override): its answer counts, at the next frame.
+        let (r, _) = decode_all(&mut d, &["T00090000", "BC0090000"]);
+        assert!(r.is_empty(), "held until the next frame");
+        let (r, _) = decode_all(&mut d, &["T901813FB"]);
+        assert_eq!(r[0], mode(Mode::Automatic));
+        assert_eq!(d.override_state(), Some(Override::None));
+    }
+
+    #[test]
+    fn idle_gateway_reports_no_override() {
+        let mut d = decoder();
+        let (r, _) = decode_all(&mut d, &["T00090000", "BF0090000", "AC0090000"]);
+        assert_eq!(r, vec![mode(Mode::Automatic)]);
+    }
+
+    #[test]
+    fn known_ids_cover_the_table() {
+        for id in [0, 1, 5, 9, 16, 17, 24, 25, 33, 48, 57, 100, 116, 127] {
+            assert!(is_known_id(id), "{id}");
+        }
+        for id in [34, 60, 103, 200, 255] {
+            assert!(!is_known_id(id), "{id}");
+        }
+    }
+
+    proptest! {
+        /// Any frame sequence: no panic, and every output carries at least one field.
+        #[test]
+        fn decoder_never_panics(raws in proptest::collection::vec((0u8..4, any::<u32>()), 0..64)) {
+            let mut d = decoder();
+            for (s, raw) in raws {
+                let source = [Source::Thermostat, Source::Boiler, Source::Request, Source::Answer][usize::from(s)];
+                for r in d.frame(Frame { source, raw }).reported {
+                    prop_assert!(!r.is_empty());
+                }
+            }
+        }
+    }
 }
