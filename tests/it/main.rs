@@ -17,3 +17,4 @@ mod interop;
 mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
 mod pipeline;
+mod serial;

@@ -7,7 +7,6 @@ use crate::harness::serial::PtyPair;
 use crate::harness::*;
 use hvac_edge::model::Event;
 use serde_json::{Value, json};
-use std::time::Duration;
 
 /// (type, current) of a device's unique events, in order.
 fn changes(events: &[Event], device: &str) -> Vec<(String, Value)> {
@@ -18,7 +17,8 @@ fn changes(events: &[Event], device: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn c(v: f64) -> Value {
+/// A Celsius temperature as the wire carries it (a decimal string).
+fn c(v: &str) -> Value {
     json!({"value": v, "unit": "C"})
 }
 
@@ -56,7 +56,7 @@ async fn expect_events(receiver: &Receiver, device: &str, want: &[(String, Value
     .await;
     let events = receiver.unique_events();
     assert_eq!(normalized(&events, device), want, "events of {device}");
-    check_seq_gap_free(&events);
+    check_seq_gap_free(&events).unwrap_or_else(|e| panic!("{e}"));
     events
 }
 
@@ -94,7 +94,9 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     stream.extend_from_slice(b"T901813FB\r\nB501813FB\r\nT00110000\r\nBC0112580\r\n");
     stream.extend_from_slice(b"\x00\xff\x13\x80garbage\r\n");
     stream.extend_from_slice(&[b'A'; 700]);
-    stream.extend_from_slice(b"\r\nError 01\r\nError 04\r\nE901813FA\r\nTT: 21.50\r\nT9xyz0000\r\nT901813FA\r\n");
+    stream.extend_from_slice(
+        b"\r\nError 01\r\nError 04\r\nE901813FA\r\nTT: 21.50\r\nT9xyz0000\r\nT901813FA\r\n",
+    );
     stream.extend_from_slice(b"T00090000\r\nBF0090000\r\nAC0091580\r\n");
     stream.extend_from_slice(b"T80640000\r\nB70640000\r\nA40640303\r\n");
     stream.extend_from_slice(b"T10101580\r\nBC0000300\r\n");
@@ -103,10 +105,10 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     }
     let want = vec![
         ev("snapshot", Value::Null),
-        ev("setpoint", c(20.5)),
-        ev("temperature", c(19.98)),
+        ev("setpoint", c("20.5")),
+        ev("temperature", c("19.98")),
         ev("mode", json!("MANUAL")),
-        ev("setpoint", c(21.5)),
+        ev("setpoint", c("21.5")),
         ev("load_state", json!("INACTIVE")),
     ];
     let events = expect_events(&receiver, "otgw", &want).await;
@@ -123,14 +125,30 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     let st = daemon.source("boiler").snapshot("boiler", "otgw");
     let n = |k: &str| st.counters.get(k).copied().unwrap_or(0);
     assert_eq!(
-        (n("bus_errors"), n("rejected_frames"), n("responses"), n("too_long"), n("parity_errors")),
+        (
+            n("bus_errors"),
+            n("rejected_frames"),
+            n("responses"),
+            n("too_long"),
+            n("parity_errors")
+        ),
         (2, 1, 1, 1, 1),
         "{:?}",
         st.counters
     );
-    assert!(n("noise") >= 3, "partial frame, garbage, bad hex: {:?}", st.counters);
-    assert_eq!(st.values.get("control_setpoint").map(String::as_str), Some("45.5"));
-    assert_eq!(st.values.get("relative_modulation").map(String::as_str), Some("37.5"));
+    assert!(
+        n("noise") >= 3,
+        "partial frame, garbage, bad hex: {:?}",
+        st.counters
+    );
+    assert_eq!(
+        st.values.get("control_setpoint").map(String::as_str),
+        Some("45.5")
+    );
+    assert_eq!(
+        st.values.get("relative_modulation").map(String::as_str),
+        Some("37.5")
+    );
 
     // Silence for longer than silence_timeout_secs → OFFLINE; a valid frame → ONLINE.
     let mut want = want;
@@ -151,7 +169,7 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     let got = tokio::task::block_in_place(|| end.read_until(b"PS=0\r", TIMEOUT));
     assert!(got.ends_with(b"PS=0\r"), "{got:?}");
     end.write_all(b"T90101600\r\n");
-    want.push(ev("setpoint", c(22.0)));
+    want.push(ev("setpoint", c("22.0")));
     want.push(ev("connectivity", json!("ONLINE")));
     expect_events(&receiver, "otgw", &want).await;
     assert!(counter(&daemon, "boiler", "connects") >= 2);
@@ -197,14 +215,18 @@ async fn json_lines_map_like_mqtt_and_survive_bad_input() {
     let daemon = Daemon::start(tc.build()).await;
     let mut end = pty.open_test_end();
     let mut bytes: Vec<u8> = Vec::new();
-    bytes.extend_from_slice(b"{\"id\":\"a\",\"sp\":20.5,\"t\":19.5,\"mode\":\"auto\",\"relay\":false}\n");
+    bytes.extend_from_slice(
+        b"{\"id\":\"a\",\"sp\":20.5,\"t\":19.5,\"mode\":\"auto\",\"relay\":false}\n",
+    );
     // Bad input: random bytes, a half object, not an object, an unknown mode, an over-long
     // line, no device, a wrong type; then valid lines again, split across writes.
     bytes.extend_from_slice(b"\x00\x01\xfe\xff\r\n{\"id\":\"a\",\"sp\":\n[1,2,3]\n");
     bytes.extend_from_slice(b"{\"id\":\"a\",\"mode\":\"party\"}\n");
     bytes.extend_from_slice(&[b'x'; 1000]);
     bytes.extend_from_slice(b"\n{\"sp\":21}\n{\"id\":\"a\",\"sp\":\"warm\"}\n");
-    bytes.extend_from_slice(b"{\"id\":\"a\",\"sp\":21.0,\"mode\":\"heat\"}\n{\"id\":\"b\",\"t\":18.25}\r\n");
+    bytes.extend_from_slice(
+        b"{\"id\":\"a\",\"sp\":21.0,\"mode\":\"heat\"}\n{\"id\":\"b\",\"t\":18.25}\r\n",
+    );
     bytes.extend_from_slice(b"{\"id\":\"a\",\"relay\":true,\"t\":19.5}\n");
     for chunk in bytes.chunks(13) {
         end.write_all(chunk);
@@ -215,7 +237,7 @@ async fn json_lines_map_like_mqtt_and_survive_bad_input() {
         &[
             ev("snapshot", Value::Null),
             ev("mode", json!("MANUAL")),
-            ev("setpoint", c(21.0)),
+            ev("setpoint", c("21.0")),
             ev("load_state", json!("ACTIVE")),
         ],
     )
@@ -247,10 +269,14 @@ async fn modbus_units_report_changes_go_offline_and_come_back() {
     ));
     let daemon = Daemon::start(tc.build()).await;
     let events = expect_events(&receiver, "office", &[ev("snapshot", Value::Null)]).await;
-    let s = &events.iter().find(|e| e.device == "office").expect("office").state;
+    let s = &events
+        .iter()
+        .find(|e| e.device == "office")
+        .expect("office")
+        .state;
     assert_eq!(
         serde_json::to_value(s).expect("state json")["setpoint"],
-        c(22.0)
+        c("22.0")
     );
     expect_events(&receiver, "floor", &[ev("snapshot", Value::Null)]).await;
 
@@ -258,14 +284,17 @@ async fn modbus_units_report_changes_go_offline_and_come_back() {
     slave.set(1, "ir", 1003, &[1150, 30]);
     let mut office = vec![
         ev("snapshot", Value::Null),
-        ev("setpoint", c(23.0)),
+        ev("setpoint", c("23.0")),
         ev("load_state", json!("ACTIVE")),
     ];
     expect_events(&receiver, "office", &office).await;
 
     // Unit 2 stops answering → OFFLINE after 2 failed polls; unit 1 keeps reporting.
     slave.mute(2);
-    let mut floor = vec![ev("snapshot", Value::Null), ev("connectivity", json!("OFFLINE"))];
+    let mut floor = vec![
+        ev("snapshot", Value::Null),
+        ev("connectivity", json!("OFFLINE")),
+    ];
     expect_events(&receiver, "floor", &floor).await;
     slave.set(1, "ir", 1000, &[4]);
     office.push(ev("mode", json!("PROTECTION")));
@@ -286,7 +315,7 @@ async fn modbus_units_report_changes_go_offline_and_come_back() {
     assert_eq!(st.units[0].device, "office");
     assert!(st.units[0].online);
     slave.set(1, "ir", 1002, &[1100]);
-    office.push(ev("temperature", c(22.0)));
+    office.push(ev("temperature", c("22.0")));
     expect_events(&receiver, "office", &office).await;
     daemon.stop().await.expect("clean stop");
 }

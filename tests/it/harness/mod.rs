@@ -9,6 +9,9 @@
 //! - [`daemon`]: [`Daemon`] runs `hvac_edge::daemon::run` in-process; [`DaemonProcess`] runs the
 //!   real binary for signal, crash and CLI tests.
 //! - [`db`]: [`Db`] reads the daemon's SQLite file.
+//! - [`serial`]: [`serial::PtyPair`] is a socat pty pair (the daemon opens one end, the test
+//!   writes to the other), unpluggable and replugged at the same path; [`modbus::ModbusSlave`]
+//!   is a real pymodbus RTU slave on a pty, driven over its stdin.
 //! - [`wait`]: [`wait_until`] / [`wait_until_async`] poll every 20 ms and panic naming what was
 //!   awaited; tests never sleep a fixed time.
 //!
@@ -35,8 +38,10 @@
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod modbus;
 pub mod mosquitto;
 pub mod receiver;
+pub mod serial;
 pub mod wait;
 
 pub use config::{Sandbox, TestConfig, toml_str};
