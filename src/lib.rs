@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML schema, defaults, validation naming the failing key.
 //! - [`model`]: canonical thermostat state, observations, changes, the event envelope.
 //! - [`diff`]: the pure diff engine (deadbands, minimum intervals, snapshots).
-//! - [`sources`]: MQTT (Zigbee2MQTT, generic JSON) and the simulator; they emit observations.
+//! - [`sources`]: MQTT (Zigbee2MQTT, generic JSON), serial ports (OpenTherm Gateway, Modbus RTU,
+//!   JSON lines) and the simulator; they emit observations and keep a status for `sources`.
 //! - [`store`]: the SQLite file: migrations, the writer thread (group commit, acks after commit),
 //!   outbox reads, dead letters, garbage collection, the size cap.
 //! - [`sinks`]: the delivery loop, retry/ban decisions, Standard Webhooks signing, HTTP transport.
