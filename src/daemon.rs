@@ -167,7 +167,8 @@ pub async fn run(
         kinds.push("otgw");
         let (proto, settings) = OtgwLines::new(&s, stats.clone());
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(serial::run_line_source(settings, proto, stats, tx, tok));
+        let fut = serial::run_line_source(settings, proto, stats, tx, tok);
+        sources.spawn(watched(s.name.clone(), fut, fail_tx.clone()));
     }
     for s in cfg.sources.jsonl.clone() {
         let name = s.name.clone();
@@ -177,7 +178,8 @@ pub async fn run(
         let (proto, settings) = JsonlLines::new(&s, stats.clone())
             .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(serial::run_line_source(settings, proto, stats, tx, tok));
+        let fut = serial::run_line_source(settings, proto, stats, tx, tok);
+        sources.spawn(watched(name, fut, fail_tx.clone()));
     }
     for s in cfg.sources.modbus.clone() {
         let name = s.name.clone();
@@ -187,7 +189,7 @@ pub async fn run(
         let src = ModbusSource::new(s, stats)
             .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
         let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(src.run(tx, tok));
+        sources.spawn(watched(name, src.run(tx, tok), fail_tx.clone()));
     }
     for s in cfg.sources.simulator.clone() {
         let stats: SharedStats = Arc::new(SourceStats::default());
@@ -299,6 +301,22 @@ pub async fn run(
     match fatal {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Runs a source that handles its own errors in its own task; a panic is reported on `fail`
+/// (which stops the daemon, exit 1) instead of leaving a dead source behind a stale status.
+async fn watched(
+    name: String,
+    fut: impl std::future::Future<Output = ()> + Send + 'static,
+    fail: mpsc::Sender<anyhow::Error>,
+) {
+    if let Err(join) = tokio::spawn(fut).await {
+        let _ = fail
+            .send(anyhow::anyhow!(
+                "source {name} stopped: task ended abnormally: {join}"
+            ))
+            .await;
     }
 }
 

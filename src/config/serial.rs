@@ -301,7 +301,12 @@ pub(super) fn check_otgw(p: &mut Problems, k: &str, s: &OtgwSourceConfig) {
         );
     }
     for (i, c) in s.setup_commands.iter().enumerate() {
-        if !valid_otgw_command(c) {
+        if valid_otgw_command(c) && c.starts_with("PS=") && c != "PS=0" {
+            p.add(
+                format!("{k}.setup_commands[{i}]"),
+                format!("{c:?} switches the gateway to summary mode, which stops the frame reports this source decodes; use \"PS=0\""),
+            );
+        } else if !valid_otgw_command(c) {
             p.add(
                 format!("{k}.setup_commands[{i}]"),
                 format!("{c:?} is not an OTGW command; expected two capital letters, '=', a value (e.g. \"PS=0\")"),

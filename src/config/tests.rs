@@ -2002,6 +2002,13 @@ fn otgw_keys_are_checked() {
             ),
         ],
     );
+    assert_problems(
+        &otgw("setup_commands = [\"PS=1\"]\n"),
+        &[(
+            "sources.otgw[0].setup_commands[0]",
+            "\"PS=1\" switches the gateway to summary mode, which stops the frame reports this source decodes; use \"PS=0\"",
+        )],
+    );
     assert_valid(&otgw(
         "setup_commands = [\"PS=0\", \"PR=O\", \"TT=21.50\"]\n[sources.otgw.override_modes]\nnone = \"AUTOMATIC\"\ntemporary = \"BOOST\"\nconstant = \"MANUAL\"\n",
     ));

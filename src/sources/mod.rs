@@ -134,7 +134,8 @@ pub struct UnitStatus {
     pub ok: u64,
     /// Requests with no answer within `request_timeout_ms`.
     pub timeouts: u64,
-    /// Answers whose CRC did not match (the request then counts as failed).
+    /// Garbled answers: a CRC that does not match, or an answer that does not match the request
+    /// (wrong unit or function, wrong length). The request counts as failed.
     pub crc_errors: u64,
     /// Modbus exception responses (illegal address, device busy, …).
     pub exceptions: u64,

@@ -499,13 +499,13 @@ mod tests {
                 ReadRequest {
                     function: 4,
                     start: 1002,
-                    count: 4
+                    count: 5
                 },
             ]
         );
         // Heating (changeover 1), Comfort, 21.5 °C room (×50 = 1075), setpoint 22 (1100),
         // heating output 40 %, cooling output 0.
-        let (r, bad) = m.decode(&[vec![1], vec![1], vec![1075, 1100, 40, 0]]);
+        let (r, bad) = m.decode(&[vec![1], vec![1], vec![1075, 1100, 40, 0, 0]]);
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(r.function, Some(Function::Heating));
         assert_eq!(r.mode, Some(Mode::Manual));
@@ -513,12 +513,12 @@ mod tests {
         assert_eq!(r.setpoint.map(|t| t.value), Some(Fixed(2200)));
         assert_eq!(r.load_state, Some(LoadState::Active));
         // Out-of-service sensor (0xFFFF) is not reported; cooling output alone is ACTIVE.
-        let (r, _) = m.decode(&[vec![0], vec![4], vec![0xFFFF, 1100, 0, 100]]);
+        let (r, _) = m.decode(&[vec![0], vec![4], vec![0xFFFF, 1100, 0, 100, 0]]);
         assert_eq!(r.temperature, None);
         assert_eq!(r.function, Some(Function::Cooling));
         assert_eq!(r.mode, Some(Mode::Protection));
         assert_eq!(r.load_state, Some(LoadState::Active));
-        let (r, _) = m.decode(&[vec![0], vec![3], vec![1000, 1100, 0, 0]]);
+        let (r, _) = m.decode(&[vec![0], vec![3], vec![1000, 1100, 0, 0, 0]]);
         assert_eq!(r.load_state, Some(LoadState::Inactive));
     }
 

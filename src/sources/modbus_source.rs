@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest answer kept for CRC classification (a 125-register answer is 255 bytes).
 const SNIFF_MAX: usize = 300;
+/// Extra quiet time after a failed request, for a late answer to finish arriving.
+const LATE_ANSWER_WAIT: Duration = Duration::from_millis(50);
 /// An unchanged observation is still sent this often, so the device's `last_seen` moves.
 const RESEND_UNCHANGED: Duration = Duration::from_secs(60);
 
@@ -55,9 +57,13 @@ pub struct ModbusSource {
 /// How one request ended.
 #[derive(Debug)]
 enum Failure {
+    /// No answer within the request timeout.
     Timeout,
+    /// Bytes arrived but no valid answer: bad CRC, or an answer that does not match the request.
     Crc,
+    /// A Modbus exception answer.
     Exception(String),
+    /// The port itself failed.
     PortLost(String),
 }
 
@@ -119,7 +125,7 @@ impl ModbusSource {
             + u64::from(self.cfg.data_bits)
             + u64::from(self.cfg.stop_bits)
             + u64::from(self.cfg.parity != crate::config::Parity::None);
-        Duration::from_micros(3_500_000 * bits_per_char / 10 / u64::from(self.cfg.baud).max(1))
+        Duration::from_micros(3_500_000 * bits_per_char / u64::from(self.cfg.baud).max(1))
     }
 
     /// Polls until `token` is cancelled.
@@ -379,8 +385,16 @@ async fn poll_unit(
             }
         };
         let res = tokio::time::timeout(timeout, call).await;
-        // Let the line fall silent before the next frame (and let a late answer drain).
-        tokio::time::sleep(gap).await;
+        // Let the line fall silent before the next frame. After a failure, wait longer so that a
+        // late answer has finished arriving; whatever arrived is flushed before the next request
+        // is written (see `Sniff::poll_write`), so it cannot be taken for the next answer.
+        let failed = !matches!(res, Ok(Ok(Ok(_))));
+        tokio::time::sleep(if failed {
+            gap.max(LATE_ANSWER_WAIT)
+        } else {
+            gap
+        })
+        .await;
         match res {
             Err(_elapsed) => {
                 let bytes = sniffed.lock().map(|b| b.clone()).unwrap_or_default();
@@ -458,6 +472,9 @@ impl AsyncWrite for Sniff {
         if let Ok(mut seen) = self.seen.lock() {
             seen.clear();
         }
+        // A new request: drop whatever is still in the input queue (a late answer to an earlier
+        // request would otherwise be read as the answer to this one).
+        let _ = tokio_serial::SerialPort::clear(&self.inner, tokio_serial::ClearBuffer::Input);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -467,5 +484,46 @@ impl AsyncWrite for Sniff {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(baud: u32, parity: &str) -> ModbusSource {
+        let toml = format!(
+            "name = \"fcu\"\nport = \"/dev/ttyUSB1\"\nbaud = {baud}\nparity = \"{parity}\"\n[[units]]\nunit_id = 1\ndevice = \"a\"\nmap = \"siemens-rdf302\"\n"
+        );
+        let cfg: ModbusSourceConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}"));
+        ModbusSource::new(cfg, SharedStats::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn frame_gap_is_three_and_a_half_characters() {
+        // 9600 8N1: 10 bits a character, 3.5 × 10 / 9600 s = 3.646 ms.
+        assert_eq!(
+            source(9600, "none").frame_gap(),
+            Duration::from_micros(3645)
+        );
+        // 8E1: 11 bits.
+        assert_eq!(
+            source(9600, "even").frame_gap(),
+            Duration::from_micros(4010)
+        );
+        // Above 19200 baud the spec fixes 1.75 ms.
+        assert_eq!(
+            source(38400, "none").frame_gap(),
+            Duration::from_micros(1750)
+        );
+    }
+
+    #[test]
+    fn units_start_unknown_in_status() {
+        let s = source(9600, "none");
+        let st = s.stats.snapshot("fcu", "modbus");
+        assert_eq!(st.units.len(), 1);
+        assert_eq!((st.units[0].unit_id, st.units[0].polls), (1, 0));
+        assert_eq!(st.port.as_deref(), Some("/dev/ttyUSB1 (9600 8N1)"));
     }
 }

@@ -106,17 +106,15 @@ impl LineProtocol for OtgwLines {
                     .map(|r| (self.device.clone(), r))
                     .collect();
             }
+            // Only frames count as valid data for the silence timeout: a gateway that prints
+            // nothing but bus errors has lost its thermostat.
             Ok(Line::Rejected { .. }) => {
-                // The gateway's own report of a corrupt frame: the link is alive.
-                out.valid = true;
                 self.stats.count("rejected_frames", 1);
             }
             Ok(Line::BusError(_)) => {
-                out.valid = true;
                 self.stats.count("bus_errors", 1);
             }
             Ok(Line::Response { command, reply }) => {
-                out.valid = true;
                 self.stats.count("responses", 1);
                 if let super::otgw::Reply::Error(e) = reply {
                     self.stats.count("command_errors", 1);
@@ -125,11 +123,9 @@ impl LineProtocol for OtgwLines {
                 }
             }
             Ok(Line::BareError(_)) => {
-                out.valid = true;
                 self.stats.count("command_errors", 1);
             }
             Ok(Line::Greeting { version }) => {
-                out.valid = true;
                 self.stats
                     .detail()
                     .values
@@ -137,12 +133,10 @@ impl LineProtocol for OtgwLines {
                 tracing::info!(source = %self.name, version = %version, "OpenTherm Gateway (re)started");
             }
             Ok(Line::ThermostatDisconnected) => {
-                out.valid = true;
                 self.stats.count("thermostat_disconnects", 1);
                 tracing::warn!(source = %self.name, "The gateway reports the thermostat disconnected");
             }
             Ok(_) => {
-                out.valid = true;
                 self.stats.count("other_lines", 1);
             }
             Err(LineError::Parity) => self.noise("parity_errors", &text, "odd parity"),

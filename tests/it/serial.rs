@@ -77,7 +77,7 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     let receiver = Receiver::start([]).await;
     let mut tc = TestConfig::new(&sb);
     tc.http_sink("upstream", &receiver).raw(&format!(
-        "[[sources.otgw]]\nname = \"boiler\"\nport = {}\nsilence_timeout_secs = 3\nsetup_commands = [\"PS=0\"]\nreconnect_min_ms = 100\nreconnect_max_ms = 300\n",
+        "[[sources.otgw]]\nname = \"boiler\"\nport = {}\nsilence_timeout_secs = 6\nsetup_commands = [\"PS=0\"]\nreconnect_min_ms = 100\nreconnect_max_ms = 300\n",
         toml_str(&pty.device_path().display().to_string())
     ));
     let daemon = Daemon::start(tc.build()).await;
@@ -161,10 +161,18 @@ async fn otgw_stream_with_noise_silence_and_unplug_yields_exact_changes() {
     // Unplug: the pty goes away → OFFLINE; re-created at the same path → the source reopens it
     // (the setup command is sent again) and the next frames decode, without a daemon restart.
     drop(end);
-    pty.unplug();
+    tokio::task::block_in_place(|| pty.unplug());
     want.push(ev("connectivity", json!("OFFLINE")));
     expect_events(&receiver, "otgw", &want).await;
-    pty.replug();
+    // This OFFLINE is the port loss (not silence): the link is down, with the reason.
+    let st = daemon.source("boiler").snapshot("boiler", "otgw");
+    assert_eq!(st.link, hvac_edge::sources::Link::Disconnected);
+    let err = st.last_error.unwrap_or_default();
+    assert!(
+        err.contains("end of file") || err.contains("does not exist"),
+        "{err}"
+    );
+    tokio::task::block_in_place(|| pty.replug());
     let mut end = pty.open_test_end();
     let got = tokio::task::block_in_place(|| end.read_until(b"PS=0\r", TIMEOUT));
     assert!(got.ends_with(b"PS=0\r"), "{got:?}");
@@ -264,7 +272,7 @@ async fn modbus_units_report_changes_go_offline_and_come_back() {
     let receiver = Receiver::start([]).await;
     let mut tc = TestConfig::new(&sb);
     tc.http_sink("upstream", &receiver).raw(&format!(
-        "[[sources.modbus]]\nname = \"fcu\"\nport = {}\npoll_interval_ms = 200\nrequest_timeout_ms = 200\noffline_after_failed_polls = 2\nreconnect_min_ms = 100\nreconnect_max_ms = 300\n[[sources.modbus.units]]\nunit_id = 1\ndevice = \"office\"\nmap = \"siemens-rdf302\"\n[[sources.modbus.units]]\nunit_id = 2\ndevice = \"floor\"\nmap = \"beca-bht-006\"\n",
+        "[[sources.modbus]]\nname = \"fcu\"\nport = {}\npoll_interval_ms = 200\nrequest_timeout_ms = 800\noffline_after_failed_polls = 2\nreconnect_min_ms = 100\nreconnect_max_ms = 300\n[[sources.modbus.units]]\nunit_id = 1\ndevice = \"office\"\nmap = \"siemens-rdf302\"\n[[sources.modbus.units]]\nunit_id = 2\ndevice = \"floor\"\nmap = \"beca-bht-006\"\n",
         toml_str(&pty.device_path().display().to_string())
     ));
     let daemon = Daemon::start(tc.build()).await;
