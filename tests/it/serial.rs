@@ -207,6 +207,26 @@ async fn a_missing_serial_port_does_not_stop_the_other_sources() {
         err.contains(&format!("{} does not exist", missing.display())),
         "{err}"
     );
+    // The technician's view: `hvac-edge sources` (another process, read-only) shows both.
+    let db = tc.db_path().display().to_string();
+    let mut out = String::new();
+    wait_until_async(
+        "`hvac-edge sources` shows the missing port",
+        TIMEOUT,
+        || {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+                .args(["sources", "--db", &db])
+                .output()
+                .expect("run hvac-edge sources");
+            out = String::from_utf8_lossy(&o.stdout).into_owned();
+            out.contains("does not exist") && out.contains("received 1")
+        },
+    )
+    .await;
+    assert!(out.contains("boiler (otgw) on "), "{out}");
+    assert!(out.contains(": disconnected for "), "{out}");
+    assert!(out.contains("fw (jsonl) on "), "{out}");
+    assert!(out.contains(": connected for "), "{out}");
     daemon.stop().await.expect("clean stop");
 }
 
