@@ -84,10 +84,15 @@ pub struct SourceStats {
 /// The non-atomic part of a source's status.
 #[derive(Debug, Default)]
 pub struct Detail {
+    /// Port path and line settings (`/dev/ttyUSB0 (9600 8N1)`), for serial sources.
     pub port: Option<String>,
+    /// Current link state.
     pub link: Link,
+    /// When the link entered its current state.
     pub since_ms: Option<UnixMs>,
+    /// Last valid frame, line or poll answer.
     pub last_valid_ms: Option<UnixMs>,
+    /// Why the link is down (or the last failure), as shown to technicians.
     pub last_error: Option<String>,
     /// Protocol-specific counters (`bus_errors`, `unknown_ids`, `timeouts`, …).
     pub counters: BTreeMap<&'static str, u64>,
@@ -127,10 +132,15 @@ impl Link {
 /// Status of one Modbus unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitStatus {
+    /// Modbus address.
     pub unit_id: u8,
+    /// Device id of the unit.
     pub device: String,
+    /// Answering (set by a good poll, cleared when the unit is reported OFFLINE).
     pub online: bool,
+    /// Polls attempted.
     pub polls: u64,
+    /// Polls answered in full.
     pub ok: u64,
     /// Requests with no answer within `request_timeout_ms`.
     pub timeouts: u64,
@@ -141,19 +151,25 @@ pub struct UnitStatus {
     pub exceptions: u64,
     /// Register values that the map could not translate (no entry in `map`, out of range).
     pub bad_values: u64,
+    /// Failed polls in a row (exceptions excluded); OFFLINE at `offline_after_failed_polls`.
     pub consecutive_failures: u32,
+    /// Last good poll.
     pub last_ok_ms: Option<UnixMs>,
+    /// The last failure, as text.
     pub last_error: Option<String>,
 }
 
 /// A source's status as `hvac-edge sources` shows it (stored as JSON in `source_status`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStatus {
+    /// The source's configured name.
     pub name: String,
     /// `mqtt`, `otgw`, `modbus`, `jsonl` or `simulator`.
     pub kind: String,
+    /// Port path and line settings (serial sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<String>,
+    /// Current link state.
     pub link: Link,
     /// When the link entered its current state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,11 +177,15 @@ pub struct SourceStatus {
     /// Last valid frame, line or poll answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_valid_ms: Option<UnixMs>,
+    /// Why the link is down, or the last failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Every counter by name (the common ones and the protocol's).
     pub counters: BTreeMap<String, u64>,
+    /// Modbus units, in config order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<UnitStatus>,
+    /// Decoded values with no canonical field (OTGW boiler data, firmware version).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub values: BTreeMap<String, String>,
 }

@@ -112,8 +112,11 @@ pub trait LineProtocol: Send {
 /// Settings of a line source's read loop.
 #[derive(Debug, Clone)]
 pub struct LineSourceSettings {
+    /// Source name (logs, observations).
     pub name: String,
+    /// Port and line settings.
     pub line: SerialLine,
+    /// Longest line accepted; longer ones are reported once as too long and dropped.
     pub max_line_bytes: usize,
     /// `None`: silence never makes devices OFFLINE.
     pub silence: Option<Duration>,
@@ -168,6 +171,10 @@ enum SessionEnd {
 }
 
 /// Runs a line source until `token` is cancelled: open, read lines, reconnect on loss.
+///
+/// # Cancel safety
+/// Cancellation is observed between reads and during waits; an observation handed to the writer
+/// is never half-sent. Nothing needs acknowledging, so stopping loses at most the partial line.
 pub async fn run_line_source<P: LineProtocol>(
     s: LineSourceSettings,
     mut proto: P,
