@@ -13,10 +13,10 @@
 //! that end in a wrong CRC are counted as a CRC error, silence as a timeout.
 
 use super::modbus::{RegisterMap, load_map};
-use super::serial::{open, send_offline};
-use super::{Backoff, Envelope, Link, SharedStats, SourceStats, UnitStatus};
+use super::serial::{open_logged, send, send_offline};
+use super::{Backoff, Link, SharedStats, SourceStats, UnitStatus};
 use crate::config::ModbusSourceConfig;
-use crate::model::{Connectivity, Observation, Reported};
+use crate::model::{Connectivity, Reported};
 use crate::store::writer::WriterMsg;
 use crate::telemetry::{RateLimit, now_ms};
 use std::pin::Pin;
@@ -141,38 +141,29 @@ impl ModbusSource {
             if token.is_cancelled() {
                 return;
             }
-            match open(&line) {
-                Err(msg) => {
-                    let changed =
+            let opened = open_logged(
+                &self.cfg.name,
+                "modbus",
+                &line,
+                &self.stats,
+                &mut last_error,
+            );
+            if let Some(stream) = opened {
+                match self.session(stream, &tx, &token, &mut backoff).await {
+                    None => return,
+                    Some(why) => {
                         self.stats
-                            .set_link(Link::Disconnected, now_ms(), Some(msg.clone()));
-                    if changed || last_error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!(source = %self.cfg.name, kind = "modbus", port = %port, "{msg}");
-                    }
-                    last_error = Some(msg);
-                }
-                Ok(stream) => {
-                    last_error = None;
-                    SourceStats::inc(&self.stats.connects);
-                    self.stats.set_link(Link::Connected, now_ms(), None);
-                    tracing::info!(source = %self.cfg.name, kind = "modbus", port = %port,
-                        settings = %line.describe(), units = self.units.len(), "Serial port opened");
-                    match self.session(stream, &tx, &token, &mut backoff).await {
-                        None => return,
-                        Some(why) => {
-                            self.stats
-                                .set_link(Link::Disconnected, now_ms(), Some(why.clone()));
-                            tracing::warn!(source = %self.cfg.name, port = %port, reason = %why,
-                                "Serial port lost; devices OFFLINE, reopening with backoff");
-                            let devices = self.units.iter().map(|u| u.device.clone()).collect();
-                            for u in &mut self.units {
-                                u.online = Some(false);
-                                u.last_sent = None;
-                            }
-                            self.update_units(|s, _| s.online = false);
-                            if !send_offline(&tx, &self.cfg.name, devices, &self.stats).await {
-                                return;
-                            }
+                            .set_link(Link::Disconnected, now_ms(), Some(why.clone()));
+                        tracing::warn!(source = %self.cfg.name, port = %port, reason = %why,
+                            "Serial port lost; devices OFFLINE, reopening with backoff");
+                        let devices = self.units.iter().map(|u| u.device.clone()).collect();
+                        for u in &mut self.units {
+                            u.online = Some(false);
+                            u.last_sent = None;
+                        }
+                        self.update_units(|s, _| s.online = false);
+                        if !send_offline(&tx, &self.cfg.name, devices, &self.stats).await {
+                            return;
                         }
                     }
                 }
@@ -352,18 +343,7 @@ impl ModbusSource {
     }
 
     async fn send(&self, device: String, reported: Reported, tx: &mpsc::Sender<WriterMsg>) -> bool {
-        SourceStats::inc(&self.stats.observations);
-        let env = Envelope {
-            obs: Observation {
-                device,
-                source: self.cfg.name.clone(),
-                observed_at: now_ms(),
-                reported,
-            },
-            ack: None,
-            receipt: None,
-        };
-        tx.send(WriterMsg::Observe(env)).await.is_ok()
+        send(tx, &self.cfg.name, device, reported, &self.stats).await
     }
 }
 

@@ -123,7 +123,7 @@ pub struct LineSourceSettings {
 }
 
 /// Sends one observation; false when the writer is gone (shutting down).
-async fn send(
+pub(crate) async fn send(
     tx: &mpsc::Sender<WriterMsg>,
     source: &str,
     device: String,
@@ -163,6 +163,36 @@ pub async fn send_offline(
     true
 }
 
+/// Opens the port for source `name`, keeping its status: on failure the link is
+/// `disconnected` with the reason, logged once per distinct reason (`last_error` remembers it);
+/// on success `connected`, counted and logged.
+pub(crate) fn open_logged(
+    name: &str,
+    kind: &'static str,
+    line: &SerialLine,
+    stats: &SourceStats,
+    last_error: &mut Option<String>,
+) -> Option<SerialStream> {
+    let port = line.port.display();
+    match open(line) {
+        Err(msg) => {
+            let changed = stats.set_link(Link::Disconnected, now_ms(), Some(msg.clone()));
+            if changed || last_error.as_deref() != Some(msg.as_str()) {
+                tracing::warn!(source = %name, kind, port = %port, "{msg}");
+            }
+            *last_error = Some(msg);
+            None
+        }
+        Ok(stream) => {
+            *last_error = None;
+            SourceStats::inc(&stats.connects);
+            stats.set_link(Link::Connected, now_ms(), None);
+            tracing::info!(source = %name, kind, port = %port, settings = %line.describe(), "Serial port opened");
+            Some(stream)
+        }
+    }
+}
+
 /// Why a session on an open port ended.
 enum SessionEnd {
     Cancelled,
@@ -194,28 +224,15 @@ pub async fn run_line_source<P: LineProtocol>(
         if token.is_cancelled() {
             return;
         }
-        match open(&s.line) {
-            Err(msg) => {
-                let changed = stats.set_link(Link::Disconnected, now_ms(), Some(msg.clone()));
-                if changed || last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(source = %s.name, kind, port = %port, "{msg}");
-                }
-                last_error = Some(msg);
-            }
-            Ok(stream) => {
-                last_error = None;
-                SourceStats::inc(&stats.connects);
-                stats.set_link(Link::Connected, now_ms(), None);
-                tracing::info!(source = %s.name, kind, port = %port, settings = %s.line.describe(), "Serial port opened");
-                match session(&s, &mut proto, stream, &stats, &tx, &token, &mut backoff).await {
-                    SessionEnd::Cancelled | SessionEnd::WriterGone => return,
-                    SessionEnd::Lost(why) => {
-                        stats.set_link(Link::Disconnected, now_ms(), Some(why.clone()));
-                        tracing::warn!(source = %s.name, kind, port = %port, reason = %why,
-                            "Serial port lost; devices OFFLINE, reopening with backoff");
-                        if !send_offline(&tx, &s.name, proto.devices(), &stats).await {
-                            return;
-                        }
+        if let Some(stream) = open_logged(&s.name, kind, &s.line, &stats, &mut last_error) {
+            match session(&s, &mut proto, stream, &stats, &tx, &token, &mut backoff).await {
+                SessionEnd::Cancelled | SessionEnd::WriterGone => return,
+                SessionEnd::Lost(why) => {
+                    stats.set_link(Link::Disconnected, now_ms(), Some(why.clone()));
+                    tracing::warn!(source = %s.name, kind, port = %port, reason = %why,
+                        "Serial port lost; devices OFFLINE, reopening with backoff");
+                    if !send_offline(&tx, &s.name, proto.devices(), &stats).await {
+                        return;
                     }
                 }
             }
