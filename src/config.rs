@@ -144,6 +144,13 @@ pub struct PipelineConfig {
     /// On SIGTERM, how long in-flight deliveries may finish before the daemon exits anyway. Default 10.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// A device not seen for this long frees its slot under `max_devices`. Default 2592000 (30 days).
+    #[serde(default = "default_device_expiry_secs")]
+    pub device_expiry_secs: u64,
+}
+
+const fn default_device_expiry_secs() -> u64 {
+    30 * 24 * 3600
 }
 
 /// `[diff]`: defaults for every device.
@@ -363,6 +370,25 @@ pub struct HttpSinkConfig {
     /// A sink new to an existing database starts at the `oldest` (default) event or `now`.
     #[serde(default)]
     pub from: StartFrom,
+    /// Statuses that mean the endpoint, route or credentials are wrong, not the event: the batch
+    /// is held and retried on the schedule, never dead-lettered.
+    /// Default `[401, 403, 404, 405, 407, 410, 421]`.
+    #[serde(default = "default_hold_statuses")]
+    pub hold_statuses: Vec<u16>,
+    /// After this many events in a row rejected one by one (400/422 and other 4xx after
+    /// bisection), the sink stops dead-lettering and holds (`rejecting every event`). Default 10.
+    #[serde(default = "default_max_consecutive_rejected")]
+    pub max_consecutive_rejected: u32,
+}
+
+/// Default [`HttpSinkConfig::hold_statuses`].
+pub const DEFAULT_HOLD_STATUSES: [u16; 7] = [401, 403, 404, 405, 407, 410, 421];
+
+fn default_hold_statuses() -> Vec<u16> {
+    DEFAULT_HOLD_STATUSES.to_vec()
+}
+const fn default_max_consecutive_rejected() -> u32 {
+    10
 }
 
 /// Where a new sink starts reading.
@@ -494,6 +520,7 @@ impl Default for PipelineConfig {
             checkpoint_interval_secs: default_checkpoint_interval_secs(),
             max_devices: default_max_devices(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
+            device_expiry_secs: default_device_expiry_secs(),
         }
     }
 }
@@ -619,6 +646,9 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&pl.max_devices) {
             p.add("pipeline.max_devices", "must be between 1 and 1000000");
+        }
+        if pl.device_expiry_secs < 60 {
+            p.add("pipeline.device_expiry_secs", "must be at least 60");
         }
         if pl.checkpoint_interval_secs == 0 {
             p.add("pipeline.checkpoint_interval_secs", "must be at least 1");
@@ -931,6 +961,18 @@ impl Config {
             }
             if s.ttl_secs == 0 {
                 p.add(format!("{k}.ttl_secs"), "must be at least 1");
+            }
+            if let Some(bad) = s.hold_statuses.iter().find(|c| !(400..=599).contains(*c)) {
+                p.add(
+                    format!("{k}.hold_statuses"),
+                    format!("{bad} is not an HTTP error status (400-599)"),
+                );
+            }
+            if !(1..=10_000).contains(&s.max_consecutive_rejected) {
+                p.add(
+                    format!("{k}.max_consecutive_rejected"),
+                    "must be between 1 and 10000",
+                );
             }
             if s.api_key_query.as_deref().is_some_and(str::is_empty) {
                 p.add(format!("{k}.api_key_query"), "must not be empty");

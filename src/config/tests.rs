@@ -2137,3 +2137,29 @@ fn jsonl_keys_are_checked() {
     );
     assert_valid(&jsonl("", "unit = \"F\"\n"));
 }
+
+#[test]
+fn sink_hold_statuses_and_reject_limit_have_defaults_and_bounds() {
+    let c: Config = toml::from_str(&format!("{GATEWAY}{}", https(""))).unwrap();
+    let s = &c.sinks.http[0];
+    assert_eq!(s.hold_statuses, vec![401, 403, 404, 405, 407, 410, 421]);
+    assert_eq!(s.max_consecutive_rejected, 10);
+    assert_eq!(c.pipeline.device_expiry_secs, 2_592_000);
+    assert_problems(
+        &https("hold_statuses = [401, 200]\nmax_consecutive_rejected = 0\n"),
+        &[
+            (
+                "sinks.http[0].hold_statuses",
+                "200 is not an HTTP error status (400-599)",
+            ),
+            (
+                "sinks.http[0].max_consecutive_rejected",
+                "must be between 1 and 10000",
+            ),
+        ],
+    );
+    assert_problems(
+        "[pipeline]\ndevice_expiry_secs = 5\n",
+        &[("pipeline.device_expiry_secs", "must be at least 60")],
+    );
+}
