@@ -18,3 +18,7 @@ mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
 mod pipeline;
 mod serial;
+/// Hostile publishers: bad ids, floods, oversize packets, TLS, secrets.
+mod hostile;
+/// Endpoint errors, bisection, timeouts, clock steps, store errors, corrupt files.
+mod trust;

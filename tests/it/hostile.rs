@@ -1,0 +1,1 @@
+//! Hostile publishers and inputs on the gateway's LAN (issue 11, sources).
