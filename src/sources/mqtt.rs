@@ -384,6 +384,9 @@ impl MqttSource {
                 if self.allow.is_empty() || self.allow.contains(&device) =>
             {
                 SourceStats::inc(&self.stats.observations);
+                let now = crate::telemetry::now_ms();
+                // `hvac-edge sources` shows it as "last valid data", as for serial sources.
+                self.stats.detail().last_valid_ms = Some(now);
                 let receipt = MqttReceipt {
                     pkid: p.pkid,
                     digest: super::digest(topic, &p.payload),
@@ -393,7 +396,7 @@ impl MqttSource {
                     obs: Observation {
                         device,
                         source: self.cfg.name.clone(),
-                        observed_at: crate::telemetry::now_ms(),
+                        observed_at: now,
                         reported,
                     },
                     ack: Some(ack),
