@@ -132,6 +132,41 @@ impl DbArgs {
     }
 }
 
+/// Escapes text for a technician's terminal: control characters (C0, DEL, C1) become `\n`,
+/// `\r`, `\t` or `\xNN` / `\u{NN}`, the bidirectional overrides and isolates (U+202A–U+202E,
+/// U+2066–U+2069) become `\u{NNNN}`, and a backslash becomes `\\`, so an escape can never be
+/// mistaken for the text itself. Device ids, response snippets and error texts come from
+/// devices and upstreams: printed raw, an ESC sequence could rewrite the screen or hide a line.
+/// Tables only; JSON output is serde's and stays exact.
+pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    fn needs(c: char) -> bool {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && needs(c) => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// [`esc`] for an optional text, `-` when absent.
+pub fn esc_or_dash(s: Option<&str>) -> std::borrow::Cow<'_, str> {
+    s.map_or(std::borrow::Cow::Borrowed("-"), esc)
+}
+
 /// Formats a duration in ms as `3d4h`, `5m12s`, `800ms`.
 pub fn human_ms(ms: i64) -> String {
     let ms = ms.max(0);
@@ -162,5 +197,25 @@ pub fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", U[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn esc_escapes_control_characters_and_backslash_only() {
+        assert_eq!(esc("living-room °C ü"), "living-room °C ü");
+        assert!(matches!(esc("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(esc("a\u{1b}[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(esc("one\ntwo\r\tthree"), "one\\ntwo\\r\\tthree");
+        assert_eq!(esc("\u{0}\u{7f}"), "\\x00\\x7f");
+        // C1 CSI (a terminal may take it as ESC [) and a right-to-left override.
+        assert_eq!(esc("x\u{9b}31m\u{202e}y"), "x\\u{9b}31m\\u{202e}y");
+        // A literal backslash cannot pass for an escape.
+        assert_eq!(esc("a\\nb"), "a\\\\nb");
+        assert_eq!(esc_or_dash(None), "-");
+        assert_eq!(esc_or_dash(Some("e\u{7}")), "e\\x07");
     }
 }

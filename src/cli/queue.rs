@@ -1,6 +1,7 @@
 //! `hvac-edge queue stats|dead-letters`: read-only views of the outbox, safe while the daemon runs.
+//! Tables escape every text that came from outside ([`super::esc`]); `--json` prints it exactly.
 
-use super::{human_bytes, human_ms};
+use super::{esc, esc_or_dash, human_bytes, human_ms};
 use crate::store::{self, outbox};
 use std::path::Path;
 
@@ -18,7 +19,7 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "database {}: {} (+ WAL {}), {} events stored, {} devices, {} events evicted by the size cap, {} dead letters dropped by their cap",
-        db.display(),
+        esc(&db.display().to_string()),
         human_bytes(q.db_file_bytes),
         human_bytes(q.wal_bytes),
         q.events_stored,
@@ -43,15 +44,15 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
         };
         println!(
             "{:<16} {:<6} {:<10} {:>9} {:>10} {:>6} {:>9} {:>12}  {}",
-            s.row.name,
-            s.row.kind,
-            s.row.status,
+            esc(&s.row.name),
+            esc(&s.row.kind),
+            esc(&s.row.status),
             s.pending,
             s.oldest_pending_age_ms.map_or("-".to_string(), human_ms),
             s.dead_letters,
             s.row.consecutive_failures,
             next,
-            s.row.last_error.as_deref().unwrap_or("-")
+            esc_or_dash(s.row.last_error.as_deref())
         );
     }
     Ok(())
@@ -79,14 +80,14 @@ pub fn dead_letters(db: &Path, sink: Option<&str>, limit: i64, json: bool) -> an
     for d in list {
         println!(
             "{:<16} {:<38} {:<16} {:>6} {:<14} {:<8} {:>6}  {}",
-            d.sink,
-            d.event_id,
-            d.device,
+            esc(&d.sink),
+            esc(&d.event_id),
+            esc(&d.device),
             d.seq,
-            d.kind,
-            d.reason,
+            esc(&d.kind),
+            esc(&d.reason),
             d.http_status.map_or("-".to_string(), |s| s.to_string()),
-            d.response_snippet.as_deref().unwrap_or("")
+            esc(d.response_snippet.as_deref().unwrap_or(""))
         );
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! `hvac-edge sources`: each source's link, last valid data and error counters, as the daemon
 //! last stored them (every few seconds while something changes). Read-only; works while the
-//! daemon runs.
+//! daemon runs. Tables escape every text that came from outside ([`super::esc`]): device ids,
+//! port paths, error texts, decoded values; `--json` prints it exactly.
 
-use super::human_ms;
+use super::{esc, esc_or_dash, human_ms};
 use crate::sources::{SourceStatus, UnitStatus};
 use crate::store::{self, outbox};
 use std::path::Path;
@@ -48,11 +49,11 @@ fn ago(t: Option<i64>, now: i64) -> String {
 fn print_source(s: &SourceStatus, at: i64, now: i64) {
     println!(
         "{} ({}){}: {}{}; last valid data {}; status as of {} ago",
-        s.name,
-        s.kind,
+        esc(&s.name),
+        esc(&s.kind),
         s.port
             .as_ref()
-            .map_or(String::new(), |p| format!(" on {p}")),
+            .map_or(String::new(), |p| format!(" on {}", esc(p))),
         s.link.as_str(),
         s.since_ms
             .map_or(String::new(), |t| format!(" for {}", human_ms(now - t))),
@@ -60,19 +61,23 @@ fn print_source(s: &SourceStatus, at: i64, now: i64) {
         human_ms(now - at)
     );
     if let Some(e) = &s.last_error {
-        println!("  last error: {e}");
+        println!("  last error: {}", esc(e));
     }
     let counters: Vec<String> = s
         .counters
         .iter()
         .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k} {v}"))
+        .map(|(k, v)| format!("{} {v}", esc(k)))
         .collect();
     if !counters.is_empty() {
         println!("  counters: {}", counters.join(", "));
     }
     if !s.values.is_empty() {
-        let values: Vec<String> = s.values.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let values: Vec<String> = s
+            .values
+            .iter()
+            .map(|(k, v)| format!("{} {}", esc(k), esc(v)))
+            .collect();
         println!("  values: {}", values.join(", "));
     }
     if !s.units.is_empty() {
@@ -97,7 +102,7 @@ fn print_unit(u: &UnitStatus, now: i64) {
     println!(
         "  {:>4} {:<20} {:<8} {:>7} {:>7} {:>8} {:>5} {:>5} {:>5} {:>12}  {}",
         u.unit_id,
-        u.device,
+        esc(&u.device),
         state,
         u.polls,
         u.ok,
@@ -106,6 +111,6 @@ fn print_unit(u: &UnitStatus, now: i64) {
         u.exceptions,
         u.bad_values,
         ago(u.last_ok_ms, now),
-        u.last_error.as_deref().unwrap_or("-")
+        esc_or_dash(u.last_error.as_deref())
     );
 }

@@ -92,3 +92,122 @@ async fn issue_11_mqtt_source_sets_last_valid_data() {
     assert!(!line.contains("last valid data never"), "{line}");
     daemon.stop().await.expect("clean stop");
 }
+
+/// Issue 11 item 22: device ids, response snippets and error texts come from devices and
+/// upstreams; the tables of `queue stats`, `queue dead-letters` and `sources` print their
+/// control characters escaped (an ESC sequence could clear the screen or forge a line), while
+/// `--json` keeps every byte.
+#[test]
+fn issue_11_technician_tables_escape_control_characters() {
+    use hvac_edge::sources::{Link, SourceStatus, UnitStatus};
+    let sb = Sandbox::new("tables_escape");
+    let path = sb.path().join("hvac-edge.db");
+    let conn = hvac_edge::store::open(
+        &path,
+        hvac_edge::store::Mode::ReadWrite,
+        &hvac_edge::store::Options::default(),
+    )
+    .expect("create the database");
+    let device = "evil\u{1b}[31m\nroom";
+    let snippet = "\u{1b}]0;pwned\u{7}";
+    let last_error = "HTTP 503: \u{1b}[2J\u{1b}[Hall good\nfake line";
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO sinks (name, kind, cursor, status, consecutive_failures, last_error, updated_at)
+         VALUES ('upstream', 'http', 0, 'FAILING', 3, ?1, ?2)",
+        rusqlite::params![last_error, now],
+    )
+    .expect("insert the sink row");
+    conn.execute(
+        "INSERT INTO dead_letters (sink, event_pos, event_id, device, seq, type, payload, reason, http_status, response_snippet, at)
+         VALUES ('upstream', 1, 'e-1', ?1, 7, 'setpoint', '{}', 'rejected', 400, ?2, ?3)",
+        rusqlite::params![device, snippet, now],
+    )
+    .expect("insert the dead letter");
+    let status = SourceStatus {
+        name: "fcu".into(),
+        kind: "modbus".into(),
+        port: Some("/dev/tty\u{1b}[8mUSB0".into()),
+        link: Link::Connected,
+        last_error: Some("garbled\u{9b}K".into()),
+        values: [("firmware".to_string(), "4.2\u{1b}[5m".to_string())].into(),
+        units: vec![UnitStatus {
+            unit_id: 1,
+            device: "fcu\n1".into(),
+            last_error: Some("exception\r".into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    conn.execute(
+        "INSERT INTO source_status (name, kind, status, updated_at) VALUES ('fcu', 'modbus', ?1, ?2)",
+        rusqlite::params![serde_json::to_string(&status).expect("status JSON"), now],
+    )
+    .expect("insert the source status");
+    drop(conn);
+    let db = path.display().to_string();
+    let raw = |out: &str| out.chars().any(|c| c.is_control() && c != '\n');
+
+    let (code, out, err) = cli(&["queue", "dead-letters", "--db", &db]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!raw(&out), "{out:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out:?}");
+    assert_eq!(
+        lines[1],
+        format!(
+            "{:<16} {:<38} {:<16} {:>6} {:<14} {:<8} {:>6}  {}",
+            "upstream",
+            "e-1",
+            "evil\\x1b[31m\\nroom",
+            7,
+            "setpoint",
+            "rejected",
+            400,
+            "\\x1b]0;pwned\\x07"
+        )
+    );
+    let (code, out, _) = cli(&["queue", "dead-letters", "--db", &db, "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).expect("dead letters JSON");
+    assert_eq!(v[0]["device"], device);
+    assert_eq!(v[0]["response_snippet"], snippet);
+
+    let (code, out, err) = cli(&["queue", "stats", "--db", &db]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!raw(&out), "{out:?}");
+    let sink_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("upstream ")).collect();
+    assert_eq!(sink_lines.len(), 1, "{out:?}");
+    assert!(
+        sink_lines[0].ends_with("  HTTP 503: \\x1b[2J\\x1b[Hall good\\nfake line"),
+        "{out:?}"
+    );
+    assert!(!out.contains("\nfake line"), "{out:?}");
+    let (code, out, _) = cli(&["queue", "stats", "--db", &db, "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).expect("queue stats JSON");
+    assert_eq!(v["sinks"][0]["last_error"], last_error);
+
+    let (code, out, err) = cli(&["sources", "--db", &db]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!raw(&out), "{out:?}");
+    assert!(
+        out.starts_with("fcu (modbus) on /dev/tty\\x1b[8mUSB0: connected; last valid data never"),
+        "{out:?}"
+    );
+    assert!(out.contains("\n  last error: garbled\\u{9b}K\n"), "{out:?}");
+    assert!(
+        out.contains("\n  values: firmware 4.2\\x1b[5m\n"),
+        "{out:?}"
+    );
+    let unit = out
+        .lines()
+        .find(|l| l.contains("fcu\\n1"))
+        .unwrap_or_else(|| panic!("no unit line in {out:?}"));
+    assert!(unit.ends_with("  exception\\r"), "{unit:?}");
+    let (code, out, _) = cli(&["sources", "--db", &db, "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).expect("sources JSON");
+    assert_eq!(v[0]["units"][0]["device"], "fcu\n1");
+    assert_eq!(v[0]["port"], "/dev/tty\u{1b}[8mUSB0");
+}
