@@ -80,6 +80,21 @@ pub struct GatewayConfig {
     /// Default plant id for every device without its own.
     #[serde(default)]
     pub plant: Option<String>,
+    /// How the gateway knows its clock is right: `ntp` (default: synchronised when the kernel
+    /// says so, as systemd-timesyncd, chrony and busybox ntpd report it) or `trusted` (a clock
+    /// set by other means, e.g. a battery RTC or a cellular modem: synchronised once past 2024).
+    /// Decides the `clock` stamp of events, and so whether TTL may expire them.
+    #[serde(default)]
+    pub clock: ClockSource,
+}
+
+/// `gateway.clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockSource {
+    #[default]
+    Ntp,
+    Trusted,
 }
 
 /// `[store]`: the SQLite outbox.
@@ -89,7 +104,9 @@ pub struct StoreConfig {
     /// Database file. Default `/var/lib/hvac-edge/hvac-edge.db`.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
-    /// `full` (default: a committed event survives power loss) or `normal`.
+    /// `full` (default: a committed event survives power loss) or `normal` (fewer fsyncs; a
+    /// power cut may roll back the last commits, whose messages were already acknowledged to
+    /// the broker: `check-config` warns).
     #[serde(default)]
     pub synchronous: Synchronous,
     /// Cap on the database size in bytes; past it, superseded measurements are evicted first.
@@ -1047,6 +1064,21 @@ impl Config {
                 );
             }
         }
+    }
+
+    /// Legal but unwise settings, each naming its key (`check-config` prints them as warnings
+    /// and still exits 0; ntpd-rs `config.check()`). Never secrets.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut w = Problems(Vec::new());
+        if self.store.synchronous == Synchronous::Normal {
+            w.add(
+                "store.synchronous",
+                "\"normal\" does not fsync each commit: a power cut may roll back events that \
+                 were already acknowledged to the broker, and they are lost; use \"full\" \
+                 (the default) unless the gateway has a UPS or battery-backed storage",
+            );
+        }
+        w.0
     }
 
     /// Metadata for a device: its own `[[devices]]` entry, else the gateway's default plant.

@@ -1,4 +1,5 @@
-//! `hvac-edge check-config`: load and validate a config, print every problem with its key.
+//! `hvac-edge check-config`: load and validate a config, print every problem with its key, and
+//! warnings (legal but unwise settings, [`crate::config::Config::warnings`]) on stderr.
 
 use crate::config::{self, LoadError};
 use std::path::Path;
@@ -7,6 +8,10 @@ use std::path::Path;
 pub fn run(path: &Path) -> i32 {
     match config::load(path) {
         Ok(cfg) => {
+            // Warnings do not change the verdict or the exit status.
+            for w in cfg.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{} is valid: gateway {}, {} source(s), {} sink(s), database {}",
                 path.display(),

@@ -238,6 +238,30 @@ fn store_synchronous_is_full_or_normal() {
     );
 }
 
+/// Issue 11 item 15: `normal` is legal but may lose acknowledged events on a power cut.
+#[test]
+fn store_synchronous_normal_is_a_warning_not_a_problem() {
+    let text = format!("{GATEWAY}[store]\nsynchronous = \"normal\"\n");
+    assert_eq!(problems_of(&text), vec![]);
+    let cfg: Config = toml::from_str(&text).expect("parses");
+    assert_eq!(
+        cfg.warnings(),
+        vec![problem(
+            "store.synchronous",
+            "\"normal\" does not fsync each commit: a power cut may roll back events that were \
+             already acknowledged to the broker, and they are lost; use \"full\" (the default) \
+             unless the gateway has a UPS or battery-backed storage"
+        )]
+    );
+    for full in [
+        GATEWAY.to_string(),
+        format!("{GATEWAY}[store]\nsynchronous = \"full\"\n"),
+    ] {
+        let cfg: Config = toml::from_str(&full).expect("parses");
+        assert_eq!(cfg.warnings(), vec![], "{full}");
+    }
+}
+
 #[test]
 fn store_busy_timeout_ms_of_zero_is_refused() {
     assert_problems(
@@ -2162,4 +2186,14 @@ fn sink_hold_statuses_and_reject_limit_have_defaults_and_bounds() {
         "[pipeline]\ndevice_expiry_secs = 5\n",
         &[("pipeline.device_expiry_secs", "must be at least 60")],
     );
+}
+
+#[test]
+fn gateway_clock_is_ntp_by_default_or_trusted() {
+    let c: Config = toml::from_str(GATEWAY).unwrap();
+    assert_eq!(c.gateway.clock, crate::config::ClockSource::Ntp);
+    let c: Config = toml::from_str(&format!("{GATEWAY}clock = \"trusted\"\n")).unwrap();
+    assert_eq!(c.gateway.clock, crate::config::ClockSource::Trusted);
+    let msg = parse_error(&format!("{GATEWAY}clock = \"gps\"\n"));
+    assert!(msg.contains("unknown variant `gps`"), "{msg}");
 }

@@ -211,3 +211,35 @@ fn issue_11_technician_tables_escape_control_characters() {
     assert_eq!(v[0]["units"][0]["device"], "fcu\n1");
     assert_eq!(v[0]["port"], "/dev/tty\u{1b}[8mUSB0");
 }
+
+/// Issue 11 item 15: `check-config` warns (stderr, exit 0) that `store.synchronous = "normal"`
+/// may roll back acknowledged events on a power cut; the default says nothing.
+#[test]
+fn issue_11_check_config_warns_about_synchronous_normal() {
+    let sb = Sandbox::new("sync_normal");
+    let mut tc = TestConfig::new(&sb);
+    let quiet = tc.write("full.toml");
+    tc.set("store", "synchronous", &toml_str("normal"));
+    let normal = tc.write("normal.toml");
+
+    let (code, out, err) = cli(&["check-config", "-c", &normal.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err,
+        "warning: store.synchronous: \"normal\" does not fsync each commit: a power cut may roll \
+         back events that were already acknowledged to the broker, and they are lost; use \
+         \"full\" (the default) unless the gateway has a UPS or battery-backed storage\n"
+    );
+    assert!(
+        out.starts_with(&format!("{} is valid: ", normal.display())),
+        "{out}"
+    );
+
+    let (code, out, err) = cli(&["check-config", "-c", &quiet.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "");
+    assert!(
+        out.starts_with(&format!("{} is valid: ", quiet.display())),
+        "{out}"
+    );
+}
