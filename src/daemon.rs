@@ -7,8 +7,9 @@
 //! new starts; (4) wait at most `shutdown_grace_secs`, then exit anyway: committed data is safe.
 //! Contains no SQL, parsing or protocol logic.
 
+use crate::clock::ClockSteps;
 use crate::config::Config;
-use crate::sinks::HttpSink;
+use crate::sinks::{HttpSink, SinkContext};
 use crate::sources::jsonl::JsonlLines;
 use crate::sources::modbus_source::ModbusSource;
 use crate::sources::mqtt::MqttSource;
@@ -61,7 +62,6 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let db = cfg.store.path.clone();
     let opts = store_options(&cfg);
-    let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
     let (committed_tx, committed_rx) = watch::channel(0i64);
     let (obs_tx, obs_rx) = mpsc::channel::<WriterMsg>(cfg.pipeline.queue_len);
     let writer_stats = Arc::new(WriterStats::default());
@@ -79,14 +79,26 @@ pub async fn run(
         max_events: cfg.store.max_events,
         max_devices: cfg.pipeline.max_devices,
         max_dead_letters: cfg.store.max_dead_letters,
+        clock_source: cfg.gateway.clock,
     };
-    let mut writer = Writer::open(
-        conn,
-        db.clone(),
-        settings,
-        committed_tx,
-        writer_stats.clone(),
-    )?;
+    let clock = Arc::new(ClockSteps::default());
+    // Opening, migrating and replaying can take seconds on a large file: off the async workers.
+    let mut writer = {
+        let (db, opts, stats, clock) = (
+            db.clone(),
+            opts.clone(),
+            writer_stats.clone(),
+            clock.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Writer> {
+            let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+            let mut w = Writer::open(conn, db, settings, committed_tx, stats)?;
+            w.set_clock(clock);
+            Ok(w)
+        })
+        .await
+        .context("the task opening the database failed")??
+    };
     let devices_at_start = writer.device_count();
     let mut last_status = Instant::now() - Duration::from_secs(60);
     writer.on_commit(move |st: &WriterStats| {
@@ -125,15 +137,17 @@ pub async fn run(
         let name = s.name.clone();
         let sink = HttpSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
-        let (db, opts, rx, tok) = (
-            db.clone(),
-            opts.clone(),
-            committed_rx.clone(),
-            sinks_token.clone(),
-        );
+        let ctx = SinkContext {
+            db: db.clone(),
+            opts: opts.clone(),
+            committed: committed_rx.clone(),
+            clock: clock.clone(),
+            clock_source: cfg.gateway.clock,
+        };
+        let tok = sinks_token.clone();
         let fail = fail_tx.clone();
         sinks.spawn(async move {
-            let res = match tokio::spawn(sink.run(db, opts, rx, tok)).await {
+            let res = match tokio::spawn(sink.run(ctx, tok)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => anyhow::Error::new(e),
                 Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),

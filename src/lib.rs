@@ -12,9 +12,11 @@
 //! - [`sinks`]: the delivery loop, retry/ban decisions, Standard Webhooks signing, HTTP transport.
 //! - [`daemon`]: wiring, signals, systemd notify, shutdown order.
 //! - [`cli`]: technician commands; [`demo`] and [`receiver`]: the self-contained demo.
-//! - [`telemetry`], [`tls`]: logging, rate limits, the crypto provider.
+//! - [`telemetry`], [`tls`]: logging, rate limits, the crypto provider; [`clock`]: wall-clock
+//!   steps, so that event ages survive NTP stepping the clock.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -53,7 +53,19 @@ pub enum Verdict {
         /// Short lowercase cause, e.g. `http 503`, `timeout`, `connect: <msg>`.
         reason: String,
     },
-    /// The server refused this event for good; it becomes a dead letter.
+    /// The endpoint, route or credentials are wrong (a status in
+    /// [`RetryPolicy::hold_statuses`]): keep the events and try again after `delay_ms`; never a
+    /// dead letter.
+    Hold {
+        /// Milliseconds to wait before the next attempt.
+        delay_ms: u64,
+        /// HTTP status code of the answer.
+        status: u16,
+        /// Start of the response body, for `queue stats`.
+        snippet: String,
+    },
+    /// The server refused this request for good: one of its events may be bad (the runner
+    /// bisects a batch until the event is alone; only then is it a dead letter).
     Permanent {
         /// HTTP status code of the refusal.
         status: u16,
@@ -72,6 +84,9 @@ pub struct RetryPolicy {
     pub jitter_fraction: f64,
     /// Upper bound on an honoured `Retry-After`, in seconds. Default 3600.
     pub max_retry_after_secs: u64,
+    /// Statuses that hold the events instead of rejecting them (endpoint problems).
+    /// Default [`crate::config::DEFAULT_HOLD_STATUSES`].
+    pub hold_statuses: Vec<u16>,
 }
 
 impl Default for RetryPolicy {
@@ -80,6 +95,7 @@ impl Default for RetryPolicy {
             schedule_secs: vec![10, 30, 60, 300, 600],
             jitter_fraction: 0.2,
             max_retry_after_secs: 3600,
+            hold_statuses: crate::config::DEFAULT_HOLD_STATUSES.to_vec(),
         }
     }
 }
@@ -180,7 +196,9 @@ fn clamp_unit(x: f64, nan_default: f64) -> f64 {
 /// Decides what follows an attempt.
 ///
 /// - 2xx → [`Verdict::Delivered`].
-/// - 4xx except 408, 425 and 429 → [`Verdict::Permanent`] with the status and snippet.
+/// - A status in `hold_statuses` (any class) → [`Verdict::Hold`] after the backoff (or its
+///   `Retry-After`), with the status and snippet.
+/// - Other 4xx except 408, 425 and 429 → [`Verdict::Permanent`] with the status and snippet.
 /// - Everything else (1xx, 3xx, 408/425/429, 5xx, timeouts, connection and other errors) →
 ///   [`Verdict::Retry`] after [`backoff_ms`]`(policy, consecutive_failures_after_this, jitter_unit)`,
 ///   except that a `Retry-After` on a retryable status wins: its delay, capped at
@@ -196,6 +214,17 @@ pub fn classify(
     let backoff = || backoff_ms(policy, consecutive_failures_after_this, jitter_unit);
     match outcome {
         Outcome::Status { code, .. } if (200..300).contains(code) => Verdict::Delivered,
+        Outcome::Status {
+            code,
+            retry_after,
+            snippet,
+        } if policy.hold_statuses.contains(code) => Verdict::Hold {
+            delay_ms: retry_after.map_or_else(backoff, |ra| {
+                retry_after_ms(ra, policy.max_retry_after_secs, now)
+            }),
+            status: *code,
+            snippet: snippet.clone(),
+        },
         Outcome::Status { code, snippet, .. }
             if (400..500).contains(code) && !matches!(code, 408 | 425 | 429) =>
         {
@@ -410,8 +439,49 @@ mod tests {
     }
 
     #[test]
-    fn client_errors_other_than_408_425_429_are_permanent_with_status_and_snippet() {
-        for code in [400, 401, 403, 404, 410, 413, 422, 499] {
+    fn endpoint_statuses_hold_the_events_and_are_never_permanent() {
+        for code in [401, 403, 404, 405, 407, 410, 421] {
+            assert_eq!(
+                classify_default(&status(code), 2),
+                Verdict::Hold {
+                    delay_ms: 30_000,
+                    status: code,
+                    snippet: format!("body of {code}")
+                },
+                "status {code}"
+            );
+        }
+        // A configured list replaces the default; Retry-After is honoured on a hold.
+        let p = RetryPolicy {
+            hold_statuses: vec![400, 503],
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            classify(&status(401), &p, 1, NO_JITTER, now()),
+            Verdict::Permanent {
+                status: 401,
+                snippet: "body of 401".into()
+            }
+        );
+        assert_eq!(
+            classify(
+                &status_with_retry_after(503, RetryAfter::Secs(7)),
+                &p,
+                1,
+                NO_JITTER,
+                now()
+            ),
+            Verdict::Hold {
+                delay_ms: 7_000,
+                status: 503,
+                snippet: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn client_errors_other_than_holds_and_408_425_429_are_permanent_with_status_and_snippet() {
+        for code in [400, 402, 409, 413, 415, 422, 499] {
             assert_eq!(
                 classify_default(&status(code), 1),
                 Verdict::Permanent {
@@ -645,7 +715,7 @@ mod tests {
             failures in any::<u32>(),
             unit in 0.0f64..1.0,
         ) {
-            let p = RetryPolicy { schedule_secs: schedule.clone(), jitter_fraction: fraction, max_retry_after_secs: 3600 };
+            let p = RetryPolicy { schedule_secs: schedule.clone(), jitter_fraction: fraction, max_retry_after_secs: 3600, hold_statuses: vec![] };
             let effective = if schedule.is_empty() { vec![10] } else { schedule };
             let idx = (failures.saturating_sub(1) as usize).min(effective.len() - 1);
             let base = effective[idx] as f64 * 1000.0;
@@ -670,8 +740,14 @@ mod tests {
             let p = RetryPolicy::default();
             match classify(&outcome, &p, failures, unit, now()) {
                 Verdict::Delivered => prop_assert!((200..300).contains(&code)),
+                Verdict::Hold { status, snippet, .. } => {
+                    prop_assert!(p.hold_statuses.contains(&code));
+                    prop_assert_eq!(status, code);
+                    prop_assert_eq!(snippet, "s");
+                }
                 Verdict::Permanent { status, snippet } => {
                     prop_assert!((400..500).contains(&code) && ![408, 425, 429].contains(&code));
+                    prop_assert!(!p.hold_statuses.contains(&code));
                     prop_assert_eq!(status, code);
                     prop_assert_eq!(snippet, "s");
                 }

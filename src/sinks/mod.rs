@@ -1,9 +1,17 @@
 //! Sinks: the one delivery loop shared by every sink kind, plus the kinds' transports.
 //!
 //! Loop: wait for the retry time or a new commit mark, read a batch at the sink's own cursor
-//! (its own connection), move expired events to dead letters, deliver, record the verdict
-//! (advance the cursor / schedule a retry / dead-letter the batch). Events leave in commit order,
-//! so per-device `seq` order is never broken. The cursor is persisted at most once a second while
+//! (its own connection), move expired events to dead letters, deliver, record the verdict.
+//! Events leave in commit order, so per-device `seq` order is never broken.
+//!
+//! Only a fault of an event itself makes a dead letter: a TTL expiry (ages re-based over clock
+//! steps; events stamped `unsynced` never expire), or a rejection (400, 422, other 4xx) of that
+//! one event after the batch was bisected down to it. A fault of the endpoint holds the events
+//! and retries on the schedule: 5xx, 408/425/429, the `hold_statuses` (401, 403, 404, …: a key
+//! being rotated, a moved route), connection errors, and a receiver that rejects
+//! `max_consecutive_rejected` events in a row ("rejecting every event"). A 413 or a timeout
+//! halves the batch; it grows back by a quarter per delivered batch. A store error (busy, full,
+//! replaced file) reopens the database after a backoff and never stops the daemon. The cursor is persisted at most once a second while
 //! delivering (flash wear); after a crash the unpersisted tail is delivered again (same ids).
 //! On shutdown an in-flight request finishes within its own timeout; nothing new starts.
 
@@ -11,6 +19,7 @@ pub mod delivery;
 pub mod http;
 pub mod signing;
 
+use crate::clock::ClockSteps;
 use crate::config::HttpSinkConfig;
 use crate::store::outbox::{self, DeadReason, SinkRow};
 use crate::store::{self, Options};
@@ -31,7 +40,10 @@ const SINK_CACHE_KIB: u32 = 512;
 /// How often delivered progress is persisted while events flow.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 
-/// Errors that stop a sink task.
+/// Longest wait before a sink tries again after a store error.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Errors that stop a sink task. Store errors do not: the sink logs them and tries again.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -49,6 +61,20 @@ pub struct HttpSink {
     policy: RetryPolicy,
 }
 
+/// What the delivery loop needs besides the sink itself.
+pub struct SinkContext {
+    /// The database file.
+    pub db: PathBuf,
+    /// Connection options.
+    pub opts: Options,
+    /// The writer's last committed `pos`.
+    pub committed: watch::Receiver<i64>,
+    /// Wall-clock steps seen by the writer (event ages).
+    pub clock: Arc<ClockSteps>,
+    /// How the clock's `synced` state is known (`gateway.clock`).
+    pub clock_source: crate::config::ClockSource,
+}
+
 impl HttpSink {
     /// Builds the sink (resolves secrets, builds the client).
     ///
@@ -60,6 +86,7 @@ impl HttpSink {
             schedule_secs: cfg.retry_schedule_secs.clone(),
             jitter_fraction: 0.2,
             max_retry_after_secs: 3600,
+            hold_statuses: cfg.hold_statuses.clone(),
         };
         Ok(HttpSink {
             cfg,
@@ -69,48 +96,192 @@ impl HttpSink {
     }
 
     /// Runs the delivery loop until `shutdown` is cancelled (or the writer is gone and the
-    /// backlog is delivered as far as possible).
+    /// backlog is delivered as far as possible). A store error (a busy or full database, a file
+    /// replaced after quarantine) never ends it: the sink reopens the database and carries on
+    /// after a backoff; at worst the last second of progress is delivered again (same ids).
     ///
     /// # Errors
-    /// Store errors (the database became unusable).
-    pub async fn run(
-        self,
-        db: PathBuf,
-        opts: Options,
-        mut committed_rx: watch::Receiver<i64>,
-        shutdown: CancellationToken,
-    ) -> Result<(), Error> {
+    /// Only a blocking task that panicked.
+    pub async fn run(self, ctx: SinkContext, shutdown: CancellationToken) -> Result<(), Error> {
         let name = self.cfg.name.clone();
-        let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
-        // A sink reads recent pages sequentially (hot in the OS page cache anyway): a small
-        // SQLite cache keeps the daemon's resident memory down on small gateways.
-        conn.execute_batch(&format!("PRAGMA cache_size = -{SINK_CACHE_KIB};"))
-            .map_err(|source| store::Error::Sqlite {
-                path: db.clone(),
-                source,
-            })?;
-        let now = crate::telemetry::now_ms();
-        let row = outbox::ensure_sink(&conn, &db, &name, "http", self.cfg.from, now)?;
-        let mut st = LoopState {
-            db: Arc::new(db),
+        let mut runner = Runner {
+            batch: BatchControl::new(self.cfg.batch_max_events),
+            sink: self,
+            ctx,
+            consecutive_rejected: 0,
+            store_failures: 0,
+        };
+        loop {
+            match runner.deliver(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Store(e)) => {
+                    runner.store_failures = runner.store_failures.saturating_add(1);
+                    let wait = store_backoff(runner.store_failures);
+                    tracing::error!(sink = %name, error = %e, retry_in_secs = wait.as_secs(),
+                        "Store error in the sink; retrying (undelivered events stay in the outbox)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Wait after the `n`th store error in a row: 1, 2, 4, … seconds, at most [`STORE_RETRY_MAX`].
+fn store_backoff(n: u32) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(6);
+    Duration::from_secs(secs).min(STORE_RETRY_MAX)
+}
+
+/// Events per request: halved on 413, on a timeout and while bisecting a rejected batch; grown
+/// back by a quarter per delivered batch (not while bisecting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BatchControl {
+    max: usize,
+    limit: usize,
+    /// While set, a rejected batch up to this `pos` is being narrowed down to its bad event.
+    bisect_until: Option<i64>,
+}
+
+impl BatchControl {
+    fn new(max: usize) -> BatchControl {
+        let max = max.max(1);
+        BatchControl {
+            max,
+            limit: max,
+            bisect_until: None,
+        }
+    }
+
+    /// Halves the limit below the `sent` events of the last request.
+    fn shrink(&mut self, sent: usize) {
+        self.limit = (sent / 2).max(1);
+    }
+
+    /// A batch ending at `last_pos` was rejected: narrow it down.
+    fn rejected(&mut self, sent: usize, last_pos: i64) {
+        self.shrink(sent);
+        self.bisect_until = Some(self.bisect_until.map_or(last_pos, |b| b.max(last_pos)));
+    }
+
+    /// Events up to `last_pos` are done with (delivered or dead-lettered).
+    fn done(&mut self, last_pos: i64, dead_lettered: bool) {
+        if let Some(b) = self.bisect_until {
+            if last_pos < b && !dead_lettered {
+                return;
+            }
+            self.bisect_until = None;
+        }
+        if !dead_lettered {
+            self.limit = self
+                .limit
+                .saturating_add((self.limit / 4).max(1))
+                .min(self.max);
+        }
+    }
+}
+
+/// Whether TTL expires `e` now: its age (re-based over clock steps) passed `ttl_ms`, and its
+/// time means something: stamped after the clock was set, and not two unsynchronised readings
+/// compared (an event stamped `unsynced` expires only once the clock is synchronised).
+fn is_expired(
+    e: &outbox::StoredEvent,
+    now: i64,
+    now_synced: bool,
+    ttl_ms: i64,
+    clock: &ClockSteps,
+) -> bool {
+    if e.observed_at < crate::telemetry::CLOCK_SANE_MIN_MS {
+        return false;
+    }
+    if clock.age_ms(now, e.observed_at, e.pos) <= ttl_ms {
+        return false;
+    }
+    now_synced || !stamped_unsynced(&e.payload)
+}
+
+/// Whether an envelope says `"clock": "unsynced"` (its `observed_at` is a guess).
+fn stamped_unsynced(payload: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct ClockOnly {
+        clock: Option<crate::model::ClockState>,
+    }
+    matches!(
+        serde_json::from_str::<ClockOnly>(payload),
+        Ok(ClockOnly {
+            clock: Some(crate::model::ClockState::Unsynced)
+        })
+    )
+}
+
+struct Runner {
+    sink: HttpSink,
+    ctx: SinkContext,
+    batch: BatchControl,
+    /// Events dead-lettered one by one in a row (reset by any delivery).
+    consecutive_rejected: u32,
+    store_failures: u32,
+}
+
+impl Runner {
+    /// Opens the database off the async workers and loads (or creates) the sink's row.
+    async fn open(&self) -> Result<LoopState, Error> {
+        let name = self.sink.cfg.name.clone();
+        let (db, opts, from) = (
+            self.ctx.db.clone(),
+            self.ctx.opts.clone(),
+            self.sink.cfg.from,
+        );
+        let n = name.clone();
+        let (conn, row) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+            // A sink reads recent pages sequentially (hot in the OS page cache anyway): a small
+            // SQLite cache keeps the daemon's resident memory down on small gateways.
+            conn.execute_batch(&format!("PRAGMA cache_size = -{SINK_CACHE_KIB};"))
+                .map_err(|source| store::Error::Sqlite {
+                    path: db.clone(),
+                    source,
+                })?;
+            let now = crate::telemetry::now_ms();
+            let row = outbox::ensure_sink(&conn, &db, &n, "http", from, now)?;
+            Ok((conn, row))
+        })
+        .await
+        .map_err(|e| Error::Join {
+            sink: name.clone(),
+            message: e.to_string(),
+        })??;
+        Ok(LoopState {
+            db: Arc::new(self.ctx.db.clone()),
             conn: Arc::new(Mutex::new(conn)),
-            name: name.clone(),
+            name,
             row,
             dirty: false,
             last_flush: Instant::now(),
-        };
+        })
+    }
+
+    /// The delivery loop proper; returns on shutdown, or with the first store error.
+    async fn deliver(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let cfg = &self.sink.cfg;
+        let name = cfg.name.clone();
+        let mut st = self.open().await?;
         // A retry schedule does not survive a restart: the daemon starting is a good moment to try.
         st.row.next_attempt_at = None;
         tracing::info!(sink = %name, cursor = st.row.cursor, "Sink started");
         let mut writer_gone = false;
-        // Events per request; halved on 413 Payload Too Large, grown back after successes.
-        let mut batch_limit = self.cfg.batch_max_events;
+        let max_rejected = cfg.max_consecutive_rejected;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             if let Some(at) = st.row.next_attempt_at {
-                let wait = Duration::from_millis((at - crate::telemetry::now_ms()).max(0) as u64);
+                let wait = Duration::from_millis(
+                    u64::try_from(at.saturating_sub(crate::telemetry::now_ms())).unwrap_or(0),
+                );
                 if !wait.is_zero() {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -132,15 +303,15 @@ impl HttpSink {
             }
             let cursor = st.row.cursor;
             let (max_n, max_b) = (
-                batch_limit,
-                self.cfg
-                    .batch_max_bytes
-                    .saturating_sub(self.transport.wrapper_bytes())
+                self.batch.limit,
+                cfg.batch_max_bytes
+                    .saturating_sub(self.sink.transport.wrapper_bytes())
                     .max(1),
             );
             let batch = st
                 .blocking(move |c, p| outbox::read_batch(c, p, cursor, max_n, max_b))
                 .await??;
+            self.store_failures = 0;
             if batch.is_empty() {
                 st.flush(false).await?;
                 if writer_gone {
@@ -154,7 +325,7 @@ impl HttpSink {
                     Duration::MAX
                 };
                 tokio::select! {
-                    r = committed_rx.changed() => if r.is_err() { writer_gone = true; },
+                    r = self.ctx.committed.changed() => if r.is_err() { writer_gone = true; },
                     _ = tokio::time::sleep(flush_in), if st.dirty => st.flush(true).await?,
                     _ = shutdown.cancelled() => break,
                 }
@@ -162,14 +333,14 @@ impl HttpSink {
             }
             // TTL: the expired head of the batch becomes dead letters, reason "expired".
             let now = crate::telemetry::now_ms();
-            let ttl_ms = (self.cfg.ttl_secs as i64).saturating_mul(1000);
+            let ttl_ms = i64::try_from(cfg.ttl_secs)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            let synced = crate::store::writer::clock_state(self.ctx.clock_source)
+                == crate::model::ClockState::Synced;
             let expired = batch
                 .iter()
-                // Events observed before the clock was set have no meaningful age: never expired.
-                .take_while(|e| {
-                    e.observed_at >= crate::telemetry::CLOCK_SANE_MIN_MS
-                        && now - e.observed_at > ttl_ms
-                })
+                .take_while(|e| is_expired(e, now, synced, ttl_ms, &self.ctx.clock))
                 .count();
             if expired > 0 {
                 let dead: Vec<_> = batch[..expired].to_vec();
@@ -178,67 +349,108 @@ impl HttpSink {
                 st.dead_letter(dead, "expired", None, None).await?;
                 continue;
             }
-            st.row.attempts += 1;
-            let outcome = self.transport.deliver(&batch).await;
-            let failures = st.row.consecutive_failures as u32 + 1;
+            st.row.attempts = st.row.attempts.saturating_add(1);
+            let outcome = self.sink.transport.deliver(&batch).await;
+            let failures = u32::try_from(st.row.consecutive_failures)
+                .unwrap_or(u32::MAX)
+                .saturating_add(1);
             let verdict = classify(
                 &outcome,
-                &self.policy,
+                &self.sink.policy,
                 failures,
                 fastrand::f64(),
                 std::time::SystemTime::now(),
             );
             let now = crate::telemetry::now_ms();
             let last = batch[batch.len() - 1].pos;
+            if let delivery::Outcome::Status { code, .. } = outcome {
+                st.row.last_status = Some(i64::from(code));
+            }
             match verdict {
-                Verdict::Permanent { status: 413, .. } if batch.len() > 1 => {
-                    // Too large for the receiver, not wrong: retry at once with half as many events.
-                    batch_limit = (batch.len() / 2).max(1);
-                    tracing::warn!(sink = %name, events = batch.len(), next = batch_limit,
-                        "Upstream answered 413 Payload Too Large; retrying with smaller batches");
-                    continue;
-                }
                 Verdict::Delivered => {
-                    batch_limit = (batch_limit * 2).min(self.cfg.batch_max_events);
+                    self.batch.done(last, false);
+                    self.consecutive_rejected = 0;
                     if st.row.consecutive_failures > 0 {
                         tracing::info!(sink = %name, after_failures = st.row.consecutive_failures, "Upstream accepts events again");
                     }
                     st.row.cursor = last;
-                    st.row.delivered += batch.len() as i64;
+                    st.row.delivered = st
+                        .row
+                        .delivered
+                        .saturating_add(i64::try_from(batch.len()).unwrap_or(i64::MAX));
                     st.row.consecutive_failures = 0;
                     st.row.next_attempt_at = None;
                     st.row.last_success_at = Some(now);
                     st.row.last_error = None;
-                    if let delivery::Outcome::Status { code, .. } = outcome {
-                        st.row.last_status = Some(i64::from(code));
-                    }
                     st.dirty = true;
                     st.flush(false).await?;
                     tracing::trace!(sink = %name, count = batch.len(), cursor = last, "Delivered");
                 }
-                Verdict::Retry { delay_ms, reason } => {
-                    if st.row.consecutive_failures == 0 {
-                        tracing::warn!(sink = %name, error = %reason, retry_in_ms = delay_ms, pending_from = cursor,
-                            "Delivery failed; events are held and retried");
-                    } else {
-                        tracing::debug!(sink = %name, error = %reason, failures, retry_in_ms = delay_ms, "Delivery failed again");
-                    }
-                    st.row.consecutive_failures = i64::from(failures);
-                    st.row.next_attempt_at = Some(now + delay_ms as i64);
-                    st.row.last_error = Some(reason);
-                    if let delivery::Outcome::Status { code, .. } = outcome {
-                        st.row.last_status = Some(i64::from(code));
-                    }
+                Verdict::Retry { .. }
+                    if outcome == delivery::Outcome::Timeout && batch.len() > 1 =>
+                {
+                    // Too slow for this many events, not necessarily down: retry at once with half.
+                    self.batch.shrink(batch.len());
+                    tracing::warn!(sink = %name, events = batch.len(), next = self.batch.limit,
+                        timeout_ms = cfg.request_timeout_ms,
+                        "No answer within request_timeout_ms; retrying with smaller batches");
+                    st.row.last_error = Some(format!(
+                        "timeout with {} events; retrying with {}",
+                        batch.len(),
+                        self.batch.limit
+                    ));
                     st.dirty = true;
-                    st.flush(true).await?;
+                }
+                Verdict::Retry { delay_ms, reason } => {
+                    st.hold(failures, delay_ms, reason, now, cursor).await?;
+                }
+                Verdict::Hold {
+                    delay_ms,
+                    status,
+                    snippet,
+                } => {
+                    if st.row.consecutive_failures == 0 {
+                        tracing::error!(sink = %name, status, response = %snippet,
+                            "Upstream refuses the endpoint or its credentials; events are held and retried, never dead-lettered (sinks.http.hold_statuses)");
+                    }
+                    let reason =
+                        format!("http {status}: {snippet} (endpoint problem; events held)");
+                    st.hold(failures, delay_ms, reason, now, cursor).await?;
+                }
+                Verdict::Permanent { status: 413, .. } if batch.len() > 1 => {
+                    // Too large for the receiver, not wrong: retry at once with half as many events.
+                    self.batch.shrink(batch.len());
+                    tracing::warn!(sink = %name, events = batch.len(), next = self.batch.limit,
+                        "Upstream answered 413 Payload Too Large; retrying with smaller batches");
+                }
+                Verdict::Permanent { status, snippet } if batch.len() > 1 => {
+                    // Perhaps one bad event: narrow the batch down until it is alone.
+                    self.batch.rejected(batch.len(), last);
+                    tracing::warn!(sink = %name, status, events = batch.len(), next = self.batch.limit, response = %snippet,
+                        "Upstream rejected a batch; bisecting it to find the event it refuses");
+                }
+                Verdict::Permanent { status, snippet }
+                    if self.consecutive_rejected >= max_rejected =>
+                {
+                    // A receiver that rejects every event is broken, not picky: hold.
+                    if st.row.consecutive_failures == 0 {
+                        tracing::error!(sink = %name, status, rejected_in_a_row = self.consecutive_rejected, response = %snippet,
+                            "Upstream rejects every event; holding instead of dead-lettering (sinks.http.max_consecutive_rejected)");
+                    }
+                    let reason = format!("rejecting every event: http {status}: {snippet}");
+                    let delay_ms =
+                        delivery::backoff_ms(&self.sink.policy, failures, fastrand::f64());
+                    st.hold(failures, delay_ms, reason, now, cursor).await?;
                 }
                 Verdict::Permanent { status, snippet } => {
-                    tracing::error!(sink = %name, status, count = batch.len(), response = %snippet,
-                        "Upstream rejected the batch permanently; its events moved to dead letters");
+                    let ev = &batch[0];
+                    tracing::error!(sink = %name, status, event = %ev.id, device = %ev.device, seq = ev.seq, response = %snippet,
+                        "Upstream rejected an event permanently; it moved to dead letters");
+                    self.consecutive_rejected = self.consecutive_rejected.saturating_add(1);
+                    self.batch.done(last, true);
                     st.row.cursor = last;
                     st.row.consecutive_failures = 0;
                     st.row.next_attempt_at = None;
-                    st.row.last_status = Some(i64::from(status));
                     st.row.last_error = Some(format!("http {status}: {snippet}"));
                     st.dead_letter(batch, "rejected", Some(status), Some(snippet))
                         .await?;
@@ -261,6 +473,30 @@ struct LoopState {
 }
 
 impl LoopState {
+    /// Keeps the events and schedules the next attempt after `delay_ms` (a retryable failure or
+    /// an endpoint problem); saved at once so that `queue stats` shows it.
+    async fn hold(
+        &mut self,
+        failures: u32,
+        delay_ms: u64,
+        reason: String,
+        now: i64,
+        cursor: i64,
+    ) -> Result<(), Error> {
+        if self.row.consecutive_failures == 0 {
+            tracing::warn!(sink = %self.name, error = %reason, retry_in_ms = delay_ms, pending_from = cursor,
+                "Delivery failed; events are held and retried");
+        } else {
+            tracing::debug!(sink = %self.name, error = %reason, failures, retry_in_ms = delay_ms, "Delivery failed again");
+        }
+        self.row.consecutive_failures = i64::from(failures);
+        self.row.next_attempt_at =
+            Some(now.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX)));
+        self.row.last_error = Some(reason);
+        self.dirty = true;
+        self.flush(true).await
+    }
+
     /// Runs `f` on the sink's connection on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -315,5 +551,127 @@ impl LoopState {
         self.dirty = false;
         self.last_flush = Instant::now();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outbox::StoredEvent;
+
+    const NOW: i64 = 1_800_000_000_000;
+    const DAY: i64 = 86_400_000;
+
+    fn event(pos: i64, observed_at: i64, clock: &str) -> StoredEvent {
+        StoredEvent {
+            pos,
+            id: format!("e{pos}"),
+            device: "trv".into(),
+            seq: pos,
+            kind: "setpoint".into(),
+            observed_at,
+            payload: format!(r#"{{"id":"e{pos}","seq":{pos},"clock":"{clock}","state":{{}}}}"#),
+        }
+    }
+
+    #[test]
+    fn ttl_expires_only_synced_events_older_than_the_ttl() {
+        let c = ClockSteps::default();
+        let ttl = 3_600_000;
+        for now_synced in [true, false] {
+            assert!(is_expired(
+                &event(1, NOW - ttl - 1, "synced"),
+                NOW,
+                now_synced,
+                ttl,
+                &c
+            ));
+            assert!(!is_expired(
+                &event(1, NOW - ttl, "synced"),
+                NOW,
+                now_synced,
+                ttl,
+                &c
+            ));
+            assert!(
+                !is_expired(&event(1, 1_000, "synced"), NOW, now_synced, ttl, &c),
+                "stamped before the clock was set"
+            );
+            // A payload that does not parse is judged by its time alone.
+            let mut e = event(1, NOW - ttl - 1, "synced");
+            e.payload = "{not json".into();
+            assert!(is_expired(&e, NOW, now_synced, ttl, &c));
+        }
+        let old_unsynced = event(1, NOW - 30 * DAY, "unsynced");
+        assert!(
+            !is_expired(&old_unsynced, NOW, false, ttl, &c),
+            "two unsynchronised readings are never compared"
+        );
+        assert!(
+            is_expired(&old_unsynced, NOW, true, ttl, &c),
+            "once the clock is synchronised (and steps re-based) the age counts"
+        );
+    }
+
+    #[test]
+    fn a_forward_clock_step_does_not_expire_the_events_committed_before_it() {
+        let c = ClockSteps::default();
+        let t0 = Instant::now();
+        let boot = NOW - DAY;
+        c.check(boot, t0, 0);
+        // Ten events observed in the first minute; then the clock jumps a day ahead.
+        c.check(boot + 60_000 + DAY, t0 + Duration::from_secs(60), 10);
+        let ttl = 3_600_000;
+        let now = boot + 120_000 + DAY;
+        let held: Vec<StoredEvent> = (1..=10)
+            .map(|p| event(p, boot + p * 1000, "synced"))
+            .collect();
+        assert!(held.iter().all(|e| !is_expired(e, now, true, ttl, &c)));
+        // Without the step record the same events would all look a day old.
+        let naive = ClockSteps::default();
+        assert!(held.iter().all(|e| is_expired(e, now, true, ttl, &naive)));
+        // An hour and a bit later (in the new clock's terms) they expire normally.
+        assert!(is_expired(&held[0], now + ttl, true, ttl, &c));
+    }
+
+    #[test]
+    fn batch_limit_halves_bisects_and_grows_back_by_a_quarter() {
+        let mut b = BatchControl::new(500);
+        b.shrink(500);
+        assert_eq!(b.limit, 250);
+        b.done(10, false);
+        assert_eq!(b.limit, 312);
+        // A rejected batch of 8 ending at pos 108: halves until the bad event is found.
+        let mut b = BatchControl::new(8);
+        b.rejected(8, 108);
+        assert_eq!((b.limit, b.bisect_until), (4, Some(108)));
+        b.done(104, false);
+        assert_eq!(b.limit, 4, "no growth while bisecting");
+        b.rejected(4, 108);
+        b.rejected(2, 106);
+        assert_eq!((b.limit, b.bisect_until), (1, Some(108)));
+        b.done(105, true);
+        assert_eq!((b.limit, b.bisect_until), (1, None), "the bad event found");
+        for want in [2, 3, 4, 5, 6, 7, 8, 8] {
+            b.done(200, false);
+            assert_eq!(b.limit, want);
+        }
+        // Passing the end of the rejected range also ends bisection (a batch-level refusal).
+        let mut b = BatchControl::new(4);
+        b.rejected(4, 4);
+        b.done(2, false);
+        b.done(4, false);
+        assert_eq!((b.limit, b.bisect_until), (3, None));
+        assert_eq!(BatchControl::new(0).limit, 1);
+    }
+
+    #[test]
+    fn store_errors_back_off_exponentially_to_a_minute() {
+        let got: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 8, 100, u32::MAX]
+            .iter()
+            .map(|&n| store_backoff(n).as_secs())
+            .collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(store_backoff(0).as_secs(), 1);
     }
 }

@@ -57,6 +57,32 @@ pub enum Error {
     TooOld { path: PathBuf, found: i64 },
 }
 
+impl Error {
+    /// The SQLite result code behind the error, if any.
+    fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            Error::Sqlite {
+                source: rusqlite::Error::SqliteFailure(f, _),
+                ..
+            } => Some(f.code),
+            _ => None,
+        }
+    }
+
+    /// The file is damaged or not a database (SQLITE_CORRUPT, SQLITE_NOTADB): retrying cannot help.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self.sqlite_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        )
+    }
+
+    /// The disk is full (SQLITE_FULL): not corruption; hold and retry.
+    pub fn is_full(&self) -> bool {
+        matches!(self.sqlite_code(), Some(rusqlite::ErrorCode::DiskFull))
+    }
+}
+
 /// Result alias for store operations.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -12,6 +12,7 @@
 //! sink has passed, enforces the size cap and vacuums.
 
 use super::{Error, ctx, meta_get, meta_set};
+use crate::config::ClockSource;
 use crate::diff::{DeviceRecord, DiffPolicy, copy_field, diff, snapshot_due};
 use crate::model::{
     Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
@@ -58,6 +59,8 @@ pub struct WriterSettings {
     pub max_dead_letters: u64,
     /// Most devices tracked; observations of further new devices are dropped (counted).
     pub max_devices: usize,
+    /// How the clock's `synced` state is known (`gateway.clock`).
+    pub clock_source: ClockSource,
 }
 
 /// Counters the writer publishes (for status lines and the CLI).
@@ -130,6 +133,8 @@ pub struct Writer {
     stats: Arc<WriterStats>,
     conflict_log: RateLimit,
     on_commit: Box<dyn FnMut(&WriterStats) + Send>,
+    /// Wall-clock steps, checked on every housekeeping run (sinks re-base event ages with them).
+    clock: Arc<crate::clock::ClockSteps>,
 }
 
 impl Writer {
@@ -285,12 +290,18 @@ impl Writer {
             stats,
             conflict_log: RateLimit::new(Duration::from_secs(60)),
             on_commit: Box::new(|_| {}),
+            clock: Arc::default(),
         })
     }
 
     /// Sets a hook run after each commit and tick (the daemon uses it for the systemd watchdog).
     pub fn on_commit(&mut self, f: impl FnMut(&WriterStats) + Send + 'static) {
         self.on_commit = Box::new(f);
+    }
+
+    /// Shares the record of wall-clock steps with the sinks.
+    pub fn set_clock(&mut self, clock: Arc<crate::clock::ClockSteps>) {
+        self.clock = clock;
     }
 
     /// Number of devices known (for status output).
@@ -346,21 +357,32 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                self.commit_with_retry(&mut batch)?;
+                self.commit_with_retry(&mut batch, || rx.is_closed())?;
             }
             // Also by elapsed time: under load the ticker's `try_send` can keep failing (freed
             // channel slots go to the sources waiting on it), and the cap, GC and snapshots
             // must run precisely then.
             if tick || self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 self.last_housekeeping = Instant::now();
-                self.housekeeping(crate::telemetry::now_ms())?;
+                if let Err(e) = self.housekeeping(crate::telemetry::now_ms()) {
+                    if e.is_corrupt() {
+                        return Err(e);
+                    }
+                    // Snapshots, GC, cap and vacuum are retried on the next run; nothing waits on them.
+                    if let Some(suppressed) = self.conflict_log.check("housekeeping") {
+                        tracing::warn!(error = %e, suppressed, "Housekeeping failed; retrying on the next run");
+                    }
+                }
             }
             if let Some(st) = self.pending_status.take() {
                 self.write_status(&st);
             }
             (self.on_commit)(&self.stats);
         }
-        self.checkpoint()?;
+        if let Err(e) = self.checkpoint() {
+            // Nothing is lost: the events since the last checkpoint are replayed at the next start.
+            tracing::warn!(error = %e, "Final device checkpoint failed; the next start replays the events after the previous one");
+        }
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         tracing::info!(last_pos = self.last_pos, "Writer flushed and stopped");
         Ok(())
@@ -389,9 +411,18 @@ impl Writer {
         }
     }
 
-    fn commit_with_retry(&mut self, batch: &mut Vec<Envelope>) -> Result<(), Error> {
+    /// Commits `batch`, retrying for as long as it takes (a busy, full or failing disk): nothing
+    /// is acknowledged meanwhile, so the sources stop reading and their brokers and devices hold
+    /// the data. Gives up only on a corrupt file (the caller quarantines it) or when the daemon is
+    /// shutting down (`closed()`) after a few attempts.
+    fn commit_with_retry(
+        &mut self,
+        batch: &mut Vec<Envelope>,
+        closed: impl Fn() -> bool,
+    ) -> Result<(), Error> {
         let mut delay = Duration::from_millis(100);
-        let mut attempt = 0;
+        let mut attempt = 0u32;
+        let mut logged: Option<Instant> = None;
         loop {
             match self.commit_batch(batch) {
                 Ok(acks) => {
@@ -400,17 +431,32 @@ impl Writer {
                     }
                     batch.clear();
                     self.committed_tx.send_replace(self.last_pos);
+                    if attempt > 0 {
+                        tracing::info!(
+                            attempts = attempt + 1,
+                            "Commit succeeded again; acknowledging resumes"
+                        );
+                    }
                     return Ok(());
                 }
-                Err(e) if attempt < 3 => {
-                    tracing::warn!(error = %e, attempt, "Commit failed; retrying");
-                    std::thread::sleep(delay);
-                    delay *= 4;
-                    attempt += 1;
+                Err(e) if e.is_corrupt() => return Err(e),
+                Err(e) if closed() && attempt >= 3 => {
+                    tracing::error!(error = %e, attempt, "Commit keeps failing while shutting down; stopping (nothing of this batch was acknowledged)");
+                    return Err(e);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "Commit keeps failing; stopping (nothing of this batch was acknowledged)");
-                    return Err(e);
+                    if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        logged = Some(Instant::now());
+                        let what = if e.is_full() {
+                            "Disk full: cannot commit; acknowledging nothing and retrying (deliveries go on and free space)"
+                        } else {
+                            "Commit failed; acknowledging nothing and retrying"
+                        };
+                        tracing::error!(error = %e, attempt, observations = batch.len(), "{what}");
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt = attempt.saturating_add(1);
                 }
             }
         }
@@ -420,7 +466,7 @@ impl Writer {
     /// arrival order, and updates the cache; on failure the cache is untouched.
     fn commit_batch(&mut self, batch: &mut [Envelope]) -> Result<Vec<Ack>, Error> {
         let c = ctx(&self.path);
-        let clock = clock_state();
+        let clock = clock_state(self.s.clock_source);
         let mut staged: HashMap<String, DeviceRecord> = HashMap::new();
         let mut new_recent: HashMap<String, Vec<(u16, u64)>> = HashMap::new();
         let mut seen: Vec<(String, UnixMs)> = Vec::new();
@@ -576,6 +622,13 @@ impl Writer {
 
     /// Snapshots, checkpoint, GC, cap and vacuum; each step bounded.
     fn housekeeping(&mut self, now: UnixMs) -> Result<(), Error> {
+        if let Some(step) = self.clock.check(now, Instant::now(), self.last_pos) {
+            tracing::warn!(
+                step_ms = step.delta_ms,
+                before_pos = step.before_pos,
+                "The wall clock stepped; ages of the events committed before are re-based (TTL)"
+            );
+        }
         self.emit_due_snapshots(now)?;
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.s.checkpoint_interval {
             self.checkpoint()?;
@@ -627,7 +680,7 @@ impl Writer {
             return Ok(());
         }
         let c = ctx(&self.path);
-        let clock = clock_state();
+        let clock = clock_state(self.s.clock_source);
         let tx = self.conn.transaction().map_err(&c)?;
         let mut pos = self.last_pos;
         let mut staged = Vec::new();
@@ -970,11 +1023,15 @@ fn envelope(
     Ok((ev.id, payload))
 }
 
-/// Whether the kernel considers the clock synchronised (NTP), via `adjtimex`; a clock before
-/// 2024 is unsynced whatever the kernel says (a gateway without RTC boots in 1970).
-pub fn clock_state() -> ClockState {
+/// Whether the clock is synchronised: with [`ClockSource::Ntp`], when the kernel says so
+/// (`adjtimex`); with [`ClockSource::Trusted`], always. A clock before 2024 is unsynced whatever
+/// the kernel says (a gateway without RTC boots in 1970).
+pub fn clock_state(source: ClockSource) -> ClockState {
     if crate::telemetry::now_ms() < crate::telemetry::CLOCK_SANE_MIN_MS {
         return ClockState::Unsynced;
+    }
+    if source == ClockSource::Trusted {
+        return ClockState::Synced;
     }
     // SAFETY: adjtimex with modes = 0 only reads the kernel's clock state into the zeroed struct.
     let state = unsafe {

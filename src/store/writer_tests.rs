@@ -30,6 +30,7 @@ fn settings(sinks: &[&str]) -> WriterSettings {
         max_events: 0,
         max_devices: 10_000,
         max_dead_letters: 100_000,
+        clock_source: crate::config::ClockSource::Ntp,
     }
 }
 

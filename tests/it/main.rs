@@ -11,6 +11,8 @@ mod bad_input;
 mod cli;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
+/// Hostile publishers: bad ids, floods, oversize packets, TLS, secrets.
+mod hostile;
 /// Signatures checked by the reference Standard Webhooks library.
 mod interop;
 /// Receiver down while events are produced, then up.
@@ -18,7 +20,5 @@ mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
 mod pipeline;
 mod serial;
-/// Hostile publishers: bad ids, floods, oversize packets, TLS, secrets.
-mod hostile;
 /// Endpoint errors, bisection, timeouts, clock steps, store errors, corrupt files.
 mod trust;

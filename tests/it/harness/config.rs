@@ -94,7 +94,7 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
-    /// Gateway `gw-it`, the database at `<sandbox>/hvac-edge.db`, `commit_delay_ms = 0`,
+    /// Gateway `gw-it` with `clock = "trusted"`, the database at `<sandbox>/hvac-edge.db`, `commit_delay_ms = 0`,
     /// `shutdown_grace_secs = 2`, log level `info`; no sources, no sinks.
     pub fn new(sandbox: &Sandbox) -> TestConfig {
         let mut c = TestConfig {
@@ -106,7 +106,10 @@ impl TestConfig {
             raw: Vec::new(),
         };
         let db = sandbox.path().join("hvac-edge.db");
+        // The test machine's kernel may report its clock unsynchronised (no NTP daemon): trust it,
+        // so that events are stamped "synced" and TTL applies as on a synchronised gateway.
         c.set("gateway", "id", &toml_str("gw-it"))
+            .set("gateway", "clock", &toml_str("trusted"))
             .set("store", "path", &toml_str(&db.display().to_string()))
             .set("pipeline", "commit_delay_ms", "0")
             .set("pipeline", "shutdown_grace_secs", "2")

@@ -134,10 +134,14 @@ impl Request {
     }
 }
 
+/// A per-request rule: given the parsed body, an answer that wins over the script.
+pub type Rule = Arc<dyn Fn(&Result<Batch, String>) -> Option<Reply> + Send + Sync>;
+
 struct State {
     script: VecDeque<Reply>,
     default: Reply,
     requests: Vec<Request>,
+    rule: Option<Rule>,
 }
 
 struct Shared {
@@ -181,6 +185,7 @@ impl Receiver {
                 script: script.into_iter().collect(),
                 default,
                 requests: Vec::new(),
+                rule: None,
             }),
         });
         let mut r = Receiver {
@@ -274,6 +279,12 @@ impl Receiver {
     /// Appends replies to the script (used before the default again).
     pub fn push_replies(&self, replies: impl IntoIterator<Item = Reply>) {
         self.shared.lock().script.extend(replies);
+    }
+
+    /// Answers with `rule(body)` when it returns a reply (before the script); `None` removes it.
+    /// E.g. reject every batch holding one event, or answer slowly when a batch is large.
+    pub fn set_rule(&self, rule: Option<Rule>) {
+        self.shared.lock().rule = rule;
     }
 
     /// Replaces the answer given once the script is used up.
@@ -386,7 +397,11 @@ fn handle(
     };
     let batch = serde_json::from_slice::<Batch>(&body).map_err(|e| e.to_string());
     let mut st = shared.lock();
-    let reply = st.script.pop_front().unwrap_or_else(|| st.default.clone());
+    let ruled = st.rule.as_ref().and_then(|r| r(&batch));
+    let reply = match ruled {
+        Some(r) => r,
+        None => st.script.pop_front().unwrap_or_else(|| st.default.clone()),
+    };
     st.requests.push(Request {
         at: Instant::now(),
         method: method.to_string(),
