@@ -687,6 +687,7 @@ impl Config {
         }
         let mut device_ids: HashMap<&str, usize> = HashMap::new();
         for (i, d) in self.devices.iter().enumerate() {
+            check_device_id(&mut p, &format!("devices[{i}].id"), &d.id);
             if d.id.is_empty() {
                 p.add(format!("devices[{i}].id"), "must not be empty");
             } else if let Some(j) = device_ids.insert(&d.id, i) {
@@ -719,6 +720,7 @@ impl Config {
                 }
             }
             for (j, d) in s.devices.iter().enumerate() {
+                check_device_id(p, &format!("{k}.devices[{j}]"), d);
                 if let Some(prev) = claimed.get(d.as_str()) {
                     if *prev != k {
                         p.add(
@@ -1156,6 +1158,24 @@ fn unique_name<'a>(
         );
     } else {
         names.insert(name, key.to_string());
+    }
+}
+
+/// The device id rule of every source ([`crate::sources::check_device_id`]) for a configured id.
+pub(crate) fn check_device_id(p: &mut Problems, key: &str, id: &str) {
+    use crate::sources::DeviceIdError;
+    match crate::sources::check_device_id(id) {
+        Ok(()) => {}
+        Err(DeviceIdError::TooLong(n)) => {
+            p.add(key, format!("must be at most 128 bytes (it is {n})"))
+        }
+        Err(DeviceIdError::Control) => p.add(
+            key,
+            format!(
+                "\"{}\" must not contain control characters",
+                crate::telemetry::shown(id, 32)
+            ),
+        ),
     }
 }
 

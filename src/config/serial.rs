@@ -294,6 +294,7 @@ pub(super) fn check_otgw(p: &mut Problems, k: &str, s: &OtgwSourceConfig) {
     if s.device.is_empty() {
         p.add(format!("{k}.device"), "must not be empty");
     }
+    super::check_device_id(p, &format!("{k}.device"), &s.device);
     if !(2..=86_400).contains(&s.silence_timeout_secs) {
         p.add(
             format!("{k}.silence_timeout_secs"),
@@ -371,6 +372,7 @@ pub(super) fn check_modbus(p: &mut Problems, k: &str, s: &ModbusSourceConfig) {
         if u.device.is_empty() {
             p.add(format!("{uk}.device"), "must not be empty");
         }
+        super::check_device_id(p, &format!("{uk}.device"), &u.device);
         if let Err(e) = crate::sources::modbus::load_map(&u.map) {
             p.add(format!("{uk}.map"), e);
         }

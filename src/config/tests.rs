@@ -238,6 +238,57 @@ fn store_synchronous_is_full_or_normal() {
     );
 }
 
+/// Issue 11 item 18: configured device ids follow the rule of ids from topics and payloads.
+#[test]
+fn configured_device_ids_are_at_most_128_bytes_without_control_characters() {
+    let long = "d".repeat(129);
+    let ok = "d".repeat(128);
+    assert_problems(
+        &format!(
+            "[[devices]]\nid = \"{long}\"\n[[devices]]\nid = \"a\\u001bb\"\n[[devices]]\nid = \"{ok}\"\n"
+        ),
+        &[
+            ("devices[0].id", "must be at most 128 bytes (it is 129)"),
+            (
+                "devices[1].id",
+                "\"a\\u{1b}b\" must not contain control characters",
+            ),
+        ],
+    );
+    assert_problems(
+        &mqtt(&format!("devices = [\"ok\", \"{long}\", \"x\\ny\"]\n")),
+        &[
+            (
+                "sources.mqtt[0].devices[1]",
+                "must be at most 128 bytes (it is 129)",
+            ),
+            (
+                "sources.mqtt[0].devices[2]",
+                "\"x\\ny\" must not contain control characters",
+            ),
+        ],
+    );
+    assert_problems(
+        &format!(
+            "{}{}",
+            otgw("device = \"boiler\\r\"\n"),
+            modbus(&format!(
+                "[[sources.modbus.units]]\nunit_id = 1\ndevice = \"{long}\"\nmap = \"siemens-rdf302\"\n"
+            ))
+        ),
+        &[
+            (
+                "sources.otgw[0].device",
+                "\"boiler\\r\" must not contain control characters",
+            ),
+            (
+                "sources.modbus[0].units[0].device",
+                "must be at most 128 bytes (it is 129)",
+            ),
+        ],
+    );
+}
+
 /// Issue 11 item 15: `normal` is legal but may lose acknowledged events on a power cut.
 #[test]
 fn store_synchronous_normal_is_a_warning_not_a_problem() {

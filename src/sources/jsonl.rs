@@ -3,7 +3,7 @@
 //! taken from a JSON pointer.
 //!
 //! A line that is not JSON, not an object, has no device or a bad mapped value is counted as
-//! malformed and logged (rate-limited per kind of problem); it never stops the source.
+//! malformed and logged (rate-limited per kind of problem, under the process-wide ceiling); it never stops the source.
 
 use super::otgw::LineError;
 use super::payload::Mapping;
@@ -61,13 +61,12 @@ impl JsonlLines {
         ))
     }
 
-    fn bad(&self, line: &str, problem: &str) {
+    /// Counts a malformed line and logs it, rate-limited by `kind` (a fixed word: never text
+    /// from the line) under the process-wide ceiling.
+    fn bad(&self, kind: &'static str, line: &str, problem: &str) {
         SourceStats::inc(&self.stats.malformed);
-        // One log line per minute per kind of problem (the text before any detail).
-        let key: String = problem.chars().take(24).collect();
-        if let Some(suppressed) = self.bad_log.check(&key) {
-            let shown: String = line.chars().take(120).collect();
-            tracing::warn!(source = %self.name, line = %shown.escape_debug(), error = %problem, suppressed,
+        if let Some(suppressed) = self.bad_log.check(kind) {
+            tracing::warn!(source = %self.name, kind, line = %crate::telemetry::shown(line, 120), error = %problem, suppressed,
                 "Dropped a JSON line that does not map to thermostat state (counted)");
         }
     }
@@ -88,7 +87,7 @@ impl LineProtocol for JsonlLines {
             Ok(t) => t,
             Err(e) => {
                 self.stats.count("too_long", 1);
-                self.bad("", &e.to_string());
+                self.bad("too_long", "", &e.to_string());
                 return out;
             }
         };
@@ -98,7 +97,11 @@ impl LineProtocol for JsonlLines {
         }
         if trimmed.contains('\u{FFFD}') {
             // The line buffer replaced bytes that are not UTF-8: noise or a wrong baud rate.
-            self.bad(trimmed, "not UTF-8 (noise, or a wrong baud rate)");
+            self.bad(
+                "not_utf8",
+                trimmed,
+                "not UTF-8 (noise, or a wrong baud rate)",
+            );
             return out;
         }
         match self.mapping.map("", trimmed.as_bytes()) {
@@ -109,7 +112,7 @@ impl LineProtocol for JsonlLines {
                 }
                 out.observations.push((device, reported));
             }
-            Err(e) => self.bad(trimmed, &e.to_string()),
+            Err(e) => self.bad(e.kind(), trimmed, &e.to_string()),
         }
         out
     }

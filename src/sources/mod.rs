@@ -287,6 +287,36 @@ impl Backoff {
     }
 }
 
+/// Longest device id accepted from any source (topic, payload or config), in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+
+/// Why a device id is refused (issue 11 item 18). Device ids come from topics and payloads a
+/// LAN publisher controls; they end up in every event, in logs and on technicians' terminals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceIdError {
+    /// Over [`MAX_DEVICE_ID_BYTES`].
+    #[error("is {0} bytes long; at most 128 are accepted")]
+    TooLong(usize),
+    /// A control character (C0, DEL or C1: newline, ESC, NUL …).
+    #[error("contains a control character")]
+    Control,
+}
+
+/// Checks a device id: at most [`MAX_DEVICE_ID_BYTES`] bytes, no control characters.
+/// (Emptiness is the caller's rule: a mapping reports it as "no device id".)
+///
+/// # Errors
+/// The first rule the id breaks.
+pub fn check_device_id(id: &str) -> Result<(), DeviceIdError> {
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(DeviceIdError::TooLong(id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(DeviceIdError::Control);
+    }
+    Ok(())
+}
+
 /// Stable 64-bit digest (first 8 bytes of SHA-256) of an MQTT topic and payload.
 pub fn digest(topic: &str, payload: &[u8]) -> u64 {
     use sha2::{Digest, Sha256};
@@ -312,6 +342,33 @@ mod tests {
         assert!(d[7] >= Duration::from_millis(500) && d[7] <= Duration::from_millis(1000));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn device_ids_are_at_most_128_bytes_without_control_characters() {
+        assert_eq!(check_device_id("living-room"), Ok(()));
+        assert_eq!(check_device_id(&"a".repeat(128)), Ok(()));
+        // 64 two-byte characters: 128 bytes.
+        assert_eq!(check_device_id(&"é".repeat(64)), Ok(()));
+        assert_eq!(check_device_id("Küche/Heizkörper 1"), Ok(()));
+        assert_eq!(
+            check_device_id(&"a".repeat(129)),
+            Err(DeviceIdError::TooLong(129))
+        );
+        assert_eq!(
+            check_device_id(&"é".repeat(65)),
+            Err(DeviceIdError::TooLong(130))
+        );
+        for bad in [
+            "a\nb",
+            "\u{1b}[2J",
+            "nul\u{0}",
+            "del\u{7f}",
+            "csi\u{9b}",
+            "tab\t",
+        ] {
+            assert_eq!(check_device_id(bad), Err(DeviceIdError::Control), "{bad:?}");
+        }
     }
 
     #[test]

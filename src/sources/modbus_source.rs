@@ -266,7 +266,9 @@ impl ModbusSource {
         if let Some(b) = bad.first() {
             SourceStats::inc(&self.stats.malformed);
             let u = &self.units[i];
-            if let Some(suppressed) = self.log.check(&format!("bad-{}", u.unit_id)) {
+            // Keyed by kind, not unit: one line a minute per source (the `sources` table has
+            // the per-unit counts).
+            if let Some(suppressed) = self.log.check("bad_value") {
                 tracing::warn!(source = %self.cfg.name, unit = u.unit_id, device = %u.device,
                     field = b.field.as_str(), address = b.address, raw = b.raw, why = b.why, suppressed,
                     "Register value not usable (field skipped, counted)");
@@ -321,7 +323,13 @@ impl ModbusSource {
             s.last_error = Some(text.clone());
         });
         let u = &self.units[i];
-        if let Some(suppressed) = self.log.check(&format!("fail-{}", u.unit_id)) {
+        let kind = match &f {
+            Failure::Timeout => "timeout",
+            Failure::Crc => "crc",
+            Failure::Exception(_) => "exception",
+            Failure::PortLost(_) => "port_lost",
+        };
+        if let Some(suppressed) = self.log.check(kind) {
             tracing::debug!(source = %self.cfg.name, unit = u.unit_id, device = %u.device,
                 error = %text, failures, suppressed, "Modbus poll failed");
         }

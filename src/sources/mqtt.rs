@@ -344,7 +344,8 @@ impl MqttSource {
         }
         if p.payload.len() > self.cfg.max_payload_bytes {
             self.bad(
-                topic,
+                "too_large",
+                None,
                 topic,
                 &format!(
                     "payload of {} bytes exceeds max_payload_bytes ({})",
@@ -355,30 +356,34 @@ impl MqttSource {
             ack.run();
             return None;
         }
-        let parsed: Result<Option<(String, Reported)>, (String, payload::PayloadError)> =
-            match target {
-                Target::Ignore => Ok(None),
-                Target::State(dev) => payload::z2m_state(&p.payload)
-                    .map(|r| Some((dev.clone(), r)))
-                    .map_err(|e| (dev, e)),
-                Target::Availability(dev) => payload::availability(&p.payload)
-                    .map(|c| {
-                        c.map(|c| {
-                            (
-                                dev.clone(),
-                                Reported {
-                                    connectivity: Some(c),
-                                    ..Default::default()
-                                },
-                            )
-                        })
+        // A device id from the topic is checked before the payload is parsed (issue 11 item
+        // 18); one from the payload (generic mapping) by the mapping.
+        type Parsed = Result<Option<(String, Reported)>, (Option<String>, payload::PayloadError)>;
+        let parsed: Parsed = match target {
+            Target::Ignore => Ok(None),
+            Target::State(dev) => payload::PayloadError::check_device_id(&dev)
+                .and_then(|()| payload::z2m_state(&p.payload))
+                .map(|r| Some((dev.clone(), r)))
+                .map_err(|e| (Some(dev), e)),
+            Target::Availability(dev) => payload::PayloadError::check_device_id(&dev)
+                .and_then(|()| payload::availability(&p.payload))
+                .map(|c| {
+                    c.map(|c| {
+                        (
+                            dev.clone(),
+                            Reported {
+                                connectivity: Some(c),
+                                ..Default::default()
+                            },
+                        )
                     })
-                    .map_err(|e| (dev, e)),
-                Target::Mapped(mapping) => mapping
-                    .map(topic, &p.payload)
-                    .map(Some)
-                    .map_err(|e| (topic.to_string(), e)),
-            };
+                })
+                .map_err(|e| (Some(dev), e)),
+            Target::Mapped(mapping) => mapping
+                .map(topic, &p.payload)
+                .map(Some)
+                .map_err(|e| (None, e)),
+        };
         match parsed {
             Ok(Some((device, reported)))
                 if self.allow.is_empty() || self.allow.contains(&device) =>
@@ -410,23 +415,30 @@ impl MqttSource {
             }
             Err((device, payload::PayloadError::Unmapped)) => {
                 // A device without thermostat fields (a light, a plug): not ours, not malformed.
-                tracing::trace!(source = %self.cfg.name, device = %device, "Message without thermostat fields ignored");
+                tracing::trace!(source = %self.cfg.name, device = %crate::telemetry::shown(device.as_deref().unwrap_or(topic), 128),
+                    "Message without thermostat fields ignored");
                 SourceStats::inc(&self.stats.ignored);
                 ack.run();
                 None
             }
             Err((device, e)) => {
-                self.bad(&device, topic, &e.to_string());
+                self.bad(e.kind(), device.as_deref(), topic, &e.to_string());
                 ack.run();
                 None
             }
         }
     }
 
-    fn bad(&self, device: &str, topic: &str, problem: &str) {
+    /// Counts a malformed message and logs it, rate-limited by `kind` (this limiter is the
+    /// source's own, so the key is (source, kind)) under the process-wide ceiling: a flood of
+    /// distinct topics or device ids writes a few lines, not one each. Topic and device are
+    /// publisher-chosen: cut and escaped.
+    fn bad(&self, kind: &'static str, device: Option<&str>, topic: &str, problem: &str) {
         SourceStats::inc(&self.stats.malformed);
-        if let Some(suppressed) = self.bad_log.check(device) {
-            tracing::warn!(source = %self.cfg.name, device = %device, topic = %topic, error = %problem, suppressed,
+        if let Some(suppressed) = self.bad_log.check(kind) {
+            let device = device.map(|d| crate::telemetry::shown(d, 128));
+            tracing::warn!(source = %self.cfg.name, kind, device = device.as_deref().unwrap_or("-"),
+                topic = %crate::telemetry::shown(topic, 128), error = %problem, suppressed,
                 "Dropped a message that does not map to thermostat state (acked, counted)");
         }
     }

@@ -48,6 +48,14 @@ pub enum PayloadError {
         /// The rule that was applied: a JSON pointer such as `/id`, or `topic level N`.
         at: String,
     },
+    /// The device id is too long or holds a control character (issue 11 item 18).
+    #[error("device id {id}: {problem}")]
+    BadDeviceId {
+        /// The id as shown in logs: quoted, escaped, cut to 32 characters.
+        id: String,
+        /// Which rule it breaks.
+        problem: super::DeviceIdError,
+    },
     /// The message reported no canonical thermostat field at all.
     #[error("no thermostat field in payload")]
     Unmapped,
@@ -59,6 +67,35 @@ pub enum PayloadError {
         /// The value as it appeared, cut to 64 characters.
         value: String,
     },
+}
+
+impl PayloadError {
+    /// The kind of problem, a fixed word: what warnings are rate-limited by (never the topic
+    /// or the device, which a publisher chooses).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PayloadError::NotJson => "not_json",
+            PayloadError::NotObject => "not_object",
+            PayloadError::WrongType { .. } => "wrong_type",
+            PayloadError::UnknownValue { .. } => "unknown_value",
+            PayloadError::NoDevice { .. } => "no_device",
+            PayloadError::BadDeviceId { .. } => "bad_device_id",
+            PayloadError::Unmapped => "unmapped",
+            PayloadError::OutOfRange { .. } => "out_of_range",
+        }
+    }
+
+    /// [`PayloadError::BadDeviceId`] for `id`, if it breaks a rule of
+    /// [`super::check_device_id`].
+    ///
+    /// # Errors
+    /// The error describing the id.
+    pub fn check_device_id(id: &str) -> Result<(), PayloadError> {
+        super::check_device_id(id).map_err(|problem| PayloadError::BadDeviceId {
+            id: format!("\"{}\"", crate::telemetry::shown(id, 32)),
+            problem,
+        })
+    }
 }
 
 /// Lowest accepted temperature in °C (absolute zero); below it a value is a sensor sentinel.
@@ -614,9 +651,12 @@ impl Mapping {
                 .split('/')
                 .nth(*n)
                 .filter(|level| !level.is_empty())
-                .map(str::to_owned)
                 .ok_or_else(|| PayloadError::NoDevice {
                     at: format!("topic level {n}"),
+                })
+                .and_then(|level| {
+                    PayloadError::check_device_id(level)?;
+                    Ok(level.to_owned())
                 }),
             DeviceRule::Pointer(pointer) => {
                 let no_device = || PayloadError::NoDevice {
@@ -625,7 +665,10 @@ impl Mapping {
                 match root.pointer(pointer) {
                     None | Some(Value::Null) => Err(no_device()),
                     Some(Value::String(s)) if s.trim().is_empty() => Err(no_device()),
-                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(Value::String(s)) => {
+                        PayloadError::check_device_id(s)?;
+                        Ok(s.clone())
+                    }
                     Some(Value::Number(n)) if !n.is_f64() => Ok(n.to_string()),
                     Some(other) => Err(wrong_type(pointer, "a string or an integer", other)),
                 }
@@ -1706,6 +1749,62 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Issue 11 item 18: an id over 128 bytes or with a control character is malformed,
+    /// whether it comes from a topic level or from the payload.
+    #[test]
+    fn device_ids_over_128_bytes_or_with_control_characters_are_refused() {
+        use crate::sources::DeviceIdError;
+        let by_topic = Mapping::compile(&esphome_spec()).unwrap();
+        let payload = br#"{"mode":"heat"}"#;
+        let long = "x".repeat(129);
+        let err = by_topic
+            .map(&format!("home/{long}/climate/state"), payload)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PayloadError::BadDeviceId {
+                id: format!("\"{}…\"", "x".repeat(32)),
+                problem: DeviceIdError::TooLong(129)
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "device id \"{}…\": is 129 bytes long; at most 128 are accepted",
+                "x".repeat(32)
+            )
+        );
+        assert_eq!(err.kind(), "bad_device_id");
+        let ok = "x".repeat(128);
+        assert_eq!(
+            by_topic
+                .map(&format!("home/{ok}/climate/state"), payload)
+                .map(|(d, _)| d),
+            Ok(ok)
+        );
+        let by_pointer = Mapping::compile(&full_spec()).unwrap();
+        let device = |p: &str| by_pointer.map("t", p.as_bytes()).map(|(d, _)| d);
+        let err = device(r#"{"id":"evil\u001b[2J\nroom","mode":"OFF"}"#).unwrap_err();
+        assert_eq!(
+            err,
+            PayloadError::BadDeviceId {
+                id: r#""evil\u{1b}[2J\nroom""#.into(),
+                problem: DeviceIdError::Control
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            r#"device id "evil\u{1b}[2J\nroom": contains a control character"#
+        );
+        assert_eq!(
+            device(&format!(r#"{{"id":"{}","mode":"OFF"}}"#, "é".repeat(65))),
+            Err(PayloadError::BadDeviceId {
+                id: format!("\"{}…\"", "é".repeat(32)),
+                problem: DeviceIdError::TooLong(130)
+            })
+        );
     }
 
     #[test]

@@ -243,3 +243,110 @@ fn issue_11_check_config_warns_about_synchronous_normal() {
         "{out}"
     );
 }
+
+/// Issue 11 item 18: a publisher floods 10,001 distinct topics whose device ids are over 128
+/// bytes (then a few non-JSON payloads): every one is counted as malformed, the log gets one
+/// line per kind of problem per minute (keyed by (source, kind), not by topic or device; the
+/// old per-device key wrote a line for each), and a real device keeps working before and
+/// after. The real binary, so that its log is what a technician would read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_flood_of_bogus_device_ids_writes_a_bounded_number_of_log_lines() {
+    const FLOOD: usize = 10_001;
+    const NOT_JSON: usize = 10;
+    let sb = Sandbox::new("id_flood");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .http_sink("upstream", &receiver);
+    let config = tc.write("hvac-edge.toml");
+    let mut daemon = DaemonProcess::spawn(&config, sb.path(), &[("RUST_LOG", "info")]);
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let mut publisher = Publisher::connect(broker.port()).await;
+    let base = tc.base_topic();
+    publisher
+        .publish(
+            &format!("{base}/trv"),
+            r#"{"local_temperature":20.5}"#,
+            false,
+        )
+        .await;
+    receiver.wait_unique_events(1, TIMEOUT).await;
+
+    let started = std::time::Instant::now();
+    let long = "x".repeat(130);
+    for i in 0..FLOOD {
+        publisher
+            .publish(
+                &format!("{base}/bogus-{i}-{long}"),
+                r#"{"local_temperature":20}"#,
+                false,
+            )
+            .await;
+    }
+    for i in 0..NOT_JSON {
+        publisher
+            .publish(&format!("{base}/junk-{i}"), "not json", false)
+            .await;
+    }
+    publisher
+        .publish(
+            &format!("{base}/trv"),
+            r#"{"local_temperature":22.5}"#,
+            false,
+        )
+        .await;
+    let events = receiver.wait_unique_events(2, TIMEOUT).await;
+    let elapsed_min = started.elapsed().as_secs() / 60;
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.device.as_str(), e.seq, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [("trv", 1, "snapshot"), ("trv", 2, "temperature")]
+    );
+
+    let db = tc.db_path().display().to_string();
+    let counters = wait_for_async("the malformed count in `sources`", TIMEOUT, || {
+        let (_, out, _) = cli(&["sources", "--db", &db, "--json"]);
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let c = v.as_array()?.first()?["counters"].clone();
+        (c["received"] == FLOOD + NOT_JSON + 2).then_some(c)
+    })
+    .await;
+    assert_eq!(counters["malformed"], FLOOD + NOT_JSON);
+    assert_eq!(counters["observations"], 2);
+
+    daemon.sigterm();
+    let status = daemon.wait_timeout_async(TIMEOUT).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let log = daemon.stderr();
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Dropped a message that does not map"))
+        .collect();
+    let bad_id = dropped
+        .iter()
+        .filter(|l| l.contains("bad_device_id"))
+        .count();
+    let not_json = dropped.iter().filter(|l| l.contains("not_json")).count();
+    // One line per kind, plus one per further minute the flood lasted.
+    let most = 1 + elapsed_min as usize;
+    assert!(
+        (1..=most).contains(&bad_id) && (1..=most).contains(&not_json),
+        "{bad_id} bad-id and {not_json} not-JSON lines (at most {most} each) in:\n{}",
+        dropped.join("\n")
+    );
+    assert_eq!(dropped.len(), bad_id + not_json, "{}", dropped.join("\n"));
+    // The first line names the problem and shows the id cut and escaped.
+    assert!(
+        dropped[0].contains(&format!(
+            "error=device id \"bogus-0-{}…\": is 138 bytes long; at most 128 are accepted",
+            "x".repeat(24)
+        )),
+        "{}",
+        dropped[0]
+    );
+}
