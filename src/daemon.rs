@@ -60,6 +60,49 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> anyhow::Result<()> {
+    let mut ready = ready;
+    let mut restarts = 0u32;
+    loop {
+        match run_once(cfg.clone(), shutdown.clone(), ready.take()).await {
+            Err(e)
+                if is_corrupt(&e)
+                    && !shutdown.is_cancelled()
+                    && restarts < MAX_CORRUPT_RESTARTS =>
+            {
+                restarts += 1;
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "The database became unreadable while running; moving it aside and restarting on a fresh one"
+                );
+                let path = cfg.store.path.clone();
+                let moved =
+                    tokio::task::spawn_blocking(move || store::quarantine(&path, "corrupt"))
+                        .await
+                        .context("the task moving the database aside failed")??;
+                tracing::error!(moved_to = %moved.display(), "Damaged database kept for inspection");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// In-process restarts after a database turned corrupt while running; beyond them the daemon
+/// exits (1) and systemd restarts it.
+const MAX_CORRUPT_RESTARTS: u32 = 3;
+
+/// Whether `e` comes from a damaged database file (SQLITE_CORRUPT / NOTADB).
+fn is_corrupt(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<store::Error>().is_some_and(store::Error::is_corrupt)
+            || matches!(c.downcast_ref::<crate::sinks::Error>(), Some(crate::sinks::Error::Store(s)) if s.is_corrupt())
+    })
+}
+
+async fn run_once(
+    cfg: Config,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) -> anyhow::Result<()> {
     let db = cfg.store.path.clone();
     let opts = store_options(&cfg);
     let (committed_tx, committed_rx) = watch::channel(0i64);
@@ -91,7 +134,7 @@ pub async fn run(
             clock.clone(),
         );
         tokio::task::spawn_blocking(move || -> anyhow::Result<Writer> {
-            let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+            let (conn, _quarantined) = store::open_for_daemon(&db, &opts)?;
             let mut w = Writer::open(conn, db, settings, committed_tx, stats)?;
             w.set_clock(clock);
             Ok(w)

@@ -27,6 +27,12 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
         q.evicted_events,
         q.dead_letters_dropped
     );
+    for f in &q.quarantined {
+        println!(
+            "quarantined database (unusable, moved aside, kept): {}",
+            esc(f)
+        );
+    }
     if q.sinks.is_empty() {
         println!("no sinks have run on this database yet");
         return Ok(());

@@ -101,7 +101,7 @@ impl HttpSink {
     /// after a backoff; at worst the last second of progress is delivered again (same ids).
     ///
     /// # Errors
-    /// Only a blocking task that panicked.
+    /// A blocking task that panicked, or a corrupt database (the daemon quarantines it).
     pub async fn run(self, ctx: SinkContext, shutdown: CancellationToken) -> Result<(), Error> {
         let name = self.cfg.name.clone();
         let mut runner = Runner {
@@ -114,6 +114,8 @@ impl HttpSink {
         loop {
             match runner.deliver(&shutdown).await {
                 Ok(()) => return Ok(()),
+                // A damaged file cannot heal by waiting: the daemon moves it aside and restarts.
+                Err(Error::Store(e)) if e.is_corrupt() => return Err(Error::Store(e)),
                 Err(Error::Store(e)) => {
                     runner.store_failures = runner.store_failures.saturating_add(1);
                     let wait = store_backoff(runner.store_failures);
@@ -330,6 +332,21 @@ impl Runner {
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
+            }
+            // A row that cannot be read as written is a fault of that event: a dead letter.
+            let unreadable = batch.iter().take_while(|e| e.damaged).count();
+            if unreadable > 0 {
+                let dead: Vec<_> = batch[..unreadable].to_vec();
+                st.row.cursor = dead[dead.len() - 1].pos;
+                tracing::error!(sink = %name, count = unreadable, first_pos = dead[0].pos,
+                    "Stored events are unreadable (damaged rows); moved to dead letters (unreadable)");
+                st.dead_letter(dead, "unreadable", None, None).await?;
+                continue;
+            }
+            // Send only up to the next damaged row; it is dealt with at the head of the next batch.
+            let mut batch = batch;
+            if let Some(i) = batch.iter().position(|e| e.damaged) {
+                batch.truncate(i);
             }
             // TTL: the expired head of the batch becomes dead letters, reason "expired".
             let now = crate::telemetry::now_ms();
@@ -571,6 +588,7 @@ mod tests {
             kind: "setpoint".into(),
             observed_at,
             payload: format!(r#"{{"id":"e{pos}","seq":{pos},"clock":"{clock}","state":{{}}}}"#),
+            damaged: false,
         }
     }
 

@@ -46,6 +46,17 @@ pub enum Error {
     },
     #[error("{path} is not an hvac-edge database (application_id {found:#x})")]
     ForeignFile { path: PathBuf, found: i32 },
+    #[error("database {path}: {what} out of range")]
+    Overflow { path: PathBuf, what: &'static str },
+    #[error("database {path} has an invalid schema version {found}")]
+    BadVersion { path: PathBuf, found: i64 },
+    #[error("database {path} failed its integrity check: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot move the unusable database {path} aside: {source}")]
+    Quarantine {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -69,12 +80,26 @@ impl Error {
         }
     }
 
-    /// The file is damaged or not a database (SQLITE_CORRUPT, SQLITE_NOTADB): retrying cannot help.
+    /// The file is damaged or not a database (SQLITE_CORRUPT, SQLITE_NOTADB, a failed integrity
+    /// check): retrying cannot help.
     pub fn is_corrupt(&self) -> bool {
-        matches!(
-            self.sqlite_code(),
-            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-        )
+        matches!(self, Error::Corrupt { .. })
+            || matches!(
+                self.sqlite_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            )
+    }
+
+    /// The daemon cannot use this file and must not change it: damaged, another program's, or
+    /// of a schema it does not know. It is moved aside (kept) and a fresh database started.
+    pub fn quarantine_kind(&self) -> Option<&'static str> {
+        match self {
+            Error::TooNew { .. } => Some("newer"),
+            Error::ForeignFile { .. } => Some("foreign"),
+            Error::BadVersion { .. } => Some("unknown"),
+            e if e.is_corrupt() => Some("corrupt"),
+            _ => None,
+        }
     }
 
     /// The disk is full (SQLITE_FULL): not corruption; hold and retry.
@@ -172,6 +197,25 @@ pub fn open(path: &Path, mode: Mode, opts: &Options) -> Result<Connection> {
             supported,
         });
     }
+    if version < 0 {
+        return Err(Error::BadVersion {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    if app_id == 0 && version == 0 {
+        // hvac-edge sets application_id in its first migration: tables without it are another
+        // program's file.
+        let tables: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(&c)?;
+        if tables > 0 {
+            return Err(Error::ForeignFile {
+                path: path.to_path_buf(),
+                found: 0,
+            });
+        }
+    }
     if mode == Mode::ReadOnly {
         if version < supported {
             return Err(Error::TooOld {
@@ -204,6 +248,120 @@ pub fn open(path: &Path, mode: Mode, opts: &Options) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Opens the daemon's database: like [`open`] in [`Mode::ReadWrite`], then `PRAGMA quick_check`.
+/// A file the daemon cannot use (damaged, another program's, a schema it does not know) is moved
+/// aside with its WAL as `<file>.<kind>-<UTC time>` (kept, never deleted; kind `corrupt`,
+/// `foreign`, `newer` or `unknown`), logged at ERROR, and a fresh database is started, so the
+/// site keeps reporting: sources redeliver what was not acknowledged. Returns the connection and
+/// the quarantined file, if any.
+///
+/// # Errors
+/// A store error that moving the file aside cannot cure (permissions, I/O).
+pub fn open_for_daemon(path: &Path, opts: &Options) -> Result<(Connection, Option<PathBuf>)> {
+    let first = open(path, Mode::ReadWrite, opts).and_then(|conn| {
+        check_integrity(&conn, path)?;
+        Ok(conn)
+    });
+    let err = match first {
+        Ok(conn) => return Ok((conn, None)),
+        Err(e) => e,
+    };
+    let Some(kind) = err.quarantine_kind() else {
+        return Err(err);
+    };
+    let moved = quarantine(path, kind)?;
+    tracing::error!(error = %err, moved_to = %moved.display(),
+        "Database unusable: moved aside (kept for inspection) and starting a fresh one; unacknowledged data is redelivered by the sources");
+    let conn = open(path, Mode::ReadWrite, opts)?;
+    Ok((conn, Some(moved)))
+}
+
+/// `PRAGMA quick_check`: `Err(Corrupt)` unless it says `ok`.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
+    let mut st = conn.prepare("PRAGMA quick_check(5)").map_err(ctx(path))?;
+    let rows: Vec<String> = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(ctx(path))?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(ctx(path))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(Error::Corrupt {
+        path: path.to_path_buf(),
+        detail: rows.join("; "),
+    })
+}
+
+/// Suffixes of files moved aside by [`quarantine`].
+pub const QUARANTINE_KINDS: [&str; 4] = ["corrupt", "foreign", "newer", "unknown"];
+
+/// Moves `path` (and its `-wal`/`-shm`) to `<path>.<kind>-<UTC yyyymmddThhmmssZ>`.
+///
+/// # Errors
+/// [`Error::Quarantine`] when the rename fails.
+pub fn quarantine(path: &Path, kind: &str) -> Result<PathBuf> {
+    let stamp: String = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".{kind}-{stamp}"));
+    let mut target = PathBuf::from(target);
+    let mut n = 1;
+    while target.exists() {
+        let mut t = target.clone().into_os_string();
+        t.push(format!(".{n}"));
+        target = PathBuf::from(t);
+        n += 1;
+    }
+    let err = |source| Error::Quarantine {
+        path: path.to_path_buf(),
+        source,
+    };
+    for suffix in ["-wal", "-shm"] {
+        let mut from = path.as_os_str().to_owned();
+        from.push(suffix);
+        let from = PathBuf::from(from);
+        if from.exists() {
+            let mut to = target.clone().into_os_string();
+            to.push(suffix);
+            std::fs::rename(&from, PathBuf::from(to)).map_err(err)?;
+        }
+    }
+    std::fs::rename(path, &target).map_err(err)?;
+    Ok(target)
+}
+
+/// Files moved aside by [`quarantine`] next to `path`, by name.
+pub fn quarantined_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy();
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let rest = f.strip_prefix(name.as_ref())?.strip_prefix('.')?;
+            let is_ours = QUARANTINE_KINDS
+                .iter()
+                .any(|k| rest.strip_prefix(k).is_some_and(|r| r.starts_with('-')));
+            (is_ours && !f.ends_with("-wal") && !f.ends_with("-shm")).then(|| e.path())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Runs the pending migrations in one exclusive transaction.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -213,7 +371,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch("BEGIN EXCLUSIVE")?;
     let run = || -> rusqlite::Result<()> {
-        for m in &schema::MIGRATIONS[version as usize..] {
+        // Read again under the lock: another process may have migrated meanwhile.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let from = usize::try_from(version)
+            .unwrap_or(0)
+            .min(schema::MIGRATIONS.len());
+        for m in &schema::MIGRATIONS[from..] {
             conn.execute_batch(m)?;
         }
         conn.execute_batch(&format!(
@@ -229,11 +392,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-/// Reads a counter from `meta` (0 when absent).
+/// Reads a counter from `meta` (0 when absent or not an integer: a damaged counter must not
+/// stop the daemon).
 pub(crate) fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
     use rusqlite::OptionalExtension;
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            Ok(match r.get_ref(0)? {
+                rusqlite::types::ValueRef::Integer(v) => v,
+                _ => 0,
+            })
+        })
         .optional()?
         .unwrap_or(0))
 }
@@ -306,5 +475,113 @@ mod tests {
         let err = open(&p, Mode::ReadOnly, &Options::default()).unwrap_err();
         assert!(err.to_string().contains("nope.db"), "{err}");
         assert!(!p.exists());
+    }
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+
+    fn fresh(p: &Path) {
+        let c = open(p, Mode::ReadWrite, &Options::default()).unwrap();
+        c.execute_batch("INSERT INTO meta (key, value) VALUES ('marker', 7)")
+            .unwrap();
+    }
+
+    #[track_caller]
+    fn assert_quarantined(p: &Path, kind: &str) {
+        let (c, moved) = open_for_daemon(p, &Options::default()).unwrap();
+        let moved = moved.expect("moved aside");
+        let name = moved.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(&format!("db.{kind}-")), "{name}");
+        assert!(moved.exists());
+        assert_eq!(quarantined_files(p), vec![moved]);
+        // The fresh file is a current, empty hvac-edge database.
+        assert_eq!(meta_get(&c, "marker").unwrap(), 0);
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema::MIGRATIONS.len() as i64);
+        drop(c);
+        let (_, again) = open_for_daemon(p, &Options::default()).unwrap();
+        assert_eq!(again, None, "a healthy file stays where it is");
+    }
+
+    #[test]
+    fn a_healthy_database_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        fresh(&p);
+        let (c, moved) = open_for_daemon(&p, &Options::default()).unwrap();
+        assert_eq!(moved, None);
+        assert_eq!(meta_get(&c, "marker").unwrap(), 7);
+        assert!(quarantined_files(&p).is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_with_its_wal_and_a_fresh_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        fresh(&p);
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); CREATE TABLE filler(x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 2000) INSERT INTO filler SELECT randomblob(200) FROM n; PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        }
+        // Overwrite pages 2.. with garbage: the b-trees no longer parse.
+        let mut bytes = std::fs::read(&p).unwrap();
+        for b in bytes.iter_mut().skip(4096).take(8192) {
+            *b = 0xA5;
+        }
+        std::fs::write(&p, bytes).unwrap();
+        assert_quarantined(&p, "corrupt");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        std::fs::write(&p, vec![0x42u8; 10_000]).unwrap();
+        assert_quarantined(&p, "corrupt");
+    }
+
+    #[test]
+    fn a_negative_schema_version_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        fresh(&p);
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = -3")
+            .unwrap();
+        assert_quarantined(&p, "unknown");
+    }
+
+    #[test]
+    fn another_programs_tables_without_application_id_are_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch("CREATE TABLE photos(id, path); INSERT INTO photos VALUES (1, 'a');")
+            .unwrap();
+        assert_quarantined(&p, "foreign");
+    }
+
+    #[test]
+    fn a_newer_schema_is_moved_aside_by_the_daemon_not_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        fresh(&p);
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
+        let (_c, moved) = open_for_daemon(&p, &Options::default()).unwrap();
+        let moved = moved.unwrap();
+        let v: i64 = Connection::open(&moved)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 99, "kept as it was");
     }
 }

@@ -7,6 +7,7 @@
 
 use super::{Error, ctx, meta_get};
 use crate::config::StartFrom;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -22,6 +23,10 @@ pub struct StoredEvent {
     pub observed_at: i64,
     /// The event envelope, JSON.
     pub payload: String,
+    /// The row could not be read as written (a column of the wrong type, text that is not UTF-8
+    /// or a payload that is not JSON): a fault of the event itself, made a dead letter
+    /// (`unreadable`) instead of being sent or stopping the sink.
+    pub damaged: bool,
 }
 
 /// Delivery status of a sink.
@@ -116,19 +121,51 @@ pub fn read_batch(
     let mut out = Vec::new();
     let mut bytes = 0usize;
     while let Some(r) = rows.next().map_err(&c)? {
-        let payload: String = r.get(6).map_err(&c)?;
+        let mut damaged = false;
+        let mut text = |i: usize| -> String {
+            match r.get_ref(i) {
+                Ok(ValueRef::Text(t) | ValueRef::Blob(t)) => match std::str::from_utf8(t) {
+                    Ok(s) => s.to_owned(),
+                    Err(_) => {
+                        damaged = true;
+                        String::from_utf8_lossy(t).into_owned()
+                    }
+                },
+                _ => {
+                    damaged = true;
+                    String::new()
+                }
+            }
+        };
+        let (id, device, kind, payload) = (text(1), text(2), text(4), text(6));
+        let mut int = |i: usize| -> i64 {
+            match r.get_ref(i) {
+                Ok(ValueRef::Integer(v)) => v,
+                _ => {
+                    damaged = true;
+                    0
+                }
+            }
+        };
+        let (seq, observed_at) = (int(3), int(5));
+        let pos: i64 = r.get(0).map_err(&c)?;
         if !out.is_empty() && bytes + payload.len() + 1 > max_bytes {
             break;
         }
+        // Cheap structural check: the envelope is spliced into the request body as is.
+        if !damaged && serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
+            damaged = true;
+        }
         bytes += payload.len() + 1;
         out.push(StoredEvent {
-            pos: r.get(0).map_err(&c)?,
-            id: r.get(1).map_err(&c)?,
-            device: r.get(2).map_err(&c)?,
-            seq: r.get(3).map_err(&c)?,
-            kind: r.get(4).map_err(&c)?,
-            observed_at: r.get(5).map_err(&c)?,
+            pos,
+            id,
+            device,
+            seq,
+            kind,
+            observed_at,
             payload,
+            damaged,
         });
     }
     Ok(out)
@@ -239,6 +276,9 @@ pub struct QueueStats {
     /// Main file + WAL, bytes.
     pub db_file_bytes: u64,
     pub wal_bytes: u64,
+    /// Unusable databases moved aside next to this one (`<file>.corrupt-<time>`, …), kept for
+    /// inspection (`--db` opens them read-only).
+    pub quarantined: Vec<String>,
 }
 
 /// Computes queue statistics (read-only; safe while the daemon runs).
@@ -274,7 +314,7 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
         sinks.push(SinkQueue {
             row,
             pending,
-            oldest_pending_age_ms: oldest.map(|o| (now - o).max(0)),
+            oldest_pending_age_ms: oldest.map(|o| now.saturating_sub(o).max(0)),
             dead_letters: dead,
         });
     }
@@ -306,6 +346,10 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
         dead_letters_dropped,
         db_file_bytes,
         wal_bytes,
+        quarantined: super::quarantined_files(path)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
     })
 }
 

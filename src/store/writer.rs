@@ -154,38 +154,53 @@ impl Writer {
         let mut cache = HashMap::new();
         let mut last_seen = HashMap::new();
         {
+            // Every value is read defensively: a damaged or hand-edited row costs that row, never
+            // the start (seq and times are clamped, unreadable text is skipped with an error).
             let mut st = conn
                 .prepare("SELECT device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen FROM devices")
                 .map_err(&c)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, bool>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                })
-                .map_err(&c)?;
-            for row in rows {
-                let (device, state, seq, snap, changed, seen) = row.map_err(&c)?;
-                let state: DeviceState = match serde_json::from_str(&state) {
-                    Ok(s) => s,
-                    Err(e) => {
+            let mut rows = st.query([]).map_err(&c)?;
+            while let Some(r) = rows.next().map_err(&c)? {
+                let Some(device) = text(r, 0) else {
+                    tracing::error!("A stored device row has an unreadable id; skipping it");
+                    continue;
+                };
+                let state: DeviceState = match blob(r, 1).map(|b| serde_json::from_slice(&b)) {
+                    Some(Ok(s)) => s,
+                    other => {
+                        let e = other.map_or_else(
+                            || "not text".to_string(),
+                            |r| r.err().map(|e| e.to_string()).unwrap_or_default(),
+                        );
                         tracing::error!(device = %device, error = %e, "Stored device state is unreadable; starting it afresh");
                         DeviceState::default()
                     }
                 };
+                let seen = int(r, 5).unwrap_or(0);
                 last_seen.insert(device.clone(), seen);
+                let seq = match int(r, 2).and_then(|v| u64::try_from(v).ok()) {
+                    Some(v) => v,
+                    None => {
+                        // Never reuse a seq: fall back to the largest one still stored.
+                        let max: Option<i64> = conn
+                            .query_row(
+                                "SELECT MAX(seq) FROM events WHERE device = ?1",
+                                [&device],
+                                |r| r.get(0),
+                            )
+                            .ok()
+                            .flatten();
+                        tracing::error!(device = %device, "Stored device seq is unreadable; continuing from the largest stored event seq");
+                        max.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
+                    }
+                };
                 cache.insert(
                     device,
                     DeviceRecord {
                         state,
-                        seq: seq as u64,
-                        last_snapshot_at: snap,
-                        changed_since_snapshot: changed,
+                        seq,
+                        last_snapshot_at: int(r, 3).unwrap_or(0),
+                        changed_since_snapshot: int(r, 4).unwrap_or(1) != 0,
                     },
                 );
             }
@@ -195,23 +210,30 @@ impl Writer {
         let mut replayed = 0u64;
         {
             let mut st = conn
-                .prepare("SELECT pos, type, observed_at, payload FROM events WHERE pos > ?1 ORDER BY pos")
+                .prepare("SELECT pos, device, seq, type, observed_at, payload FROM events WHERE pos > ?1 ORDER BY pos")
                 .map_err(&c)?;
             let mut rows = st.query([checkpoint_pos]).map_err(&c)?;
             while let Some(r) = rows.next().map_err(&c)? {
-                let kind: String = r.get(1).map_err(&c)?;
-                let at: i64 = r.get(2).map_err(&c)?;
-                let payload: String = r.get(3).map_err(&c)?;
-                let ev: Event = match serde_json::from_str(&payload) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Stored event is unreadable during replay; skipping it");
-                        continue;
+                // The seq column counts even when the payload cannot be read: a seq must never
+                // repeat because the newest event of a device is damaged.
+                let col_device = text(r, 1);
+                let col_seq = int(r, 2).and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+                let kind = text(r, 3).unwrap_or_default();
+                let at = int(r, 4).unwrap_or(0);
+                let ev: Option<Event> = blob(r, 5).and_then(|b| serde_json::from_slice(&b).ok());
+                let Some(ev) = ev else {
+                    tracing::error!(pos = int(r, 0).unwrap_or(0), device = ?col_device,
+                        "Stored event is unreadable during replay; keeping its seq, skipping its state");
+                    if let Some(d) = col_device {
+                        let rec = cache.entry(d.clone()).or_default();
+                        rec.seq = rec.seq.max(col_seq);
+                        dirty.insert(d);
                     }
+                    continue;
                 };
                 let rec = cache.entry(ev.device.clone()).or_default();
                 rec.state = ev.state;
-                rec.seq = rec.seq.max(ev.seq);
+                rec.seq = rec.seq.max(ev.seq).max(col_seq);
                 let ck = if kind == "snapshot" {
                     ChangeKind::Snapshot
                 } else {
@@ -242,17 +264,18 @@ impl Writer {
             let mut st = conn
                 .prepare("SELECT receipts FROM mqtt_recent ORDER BY id")
                 .map_err(&c)?;
-            for b in st.query_map([], |r| r.get(0)).map_err(&c)? {
-                blobs.push(b.map_err(&c)?);
+            let mut rows = st.query([]).map_err(&c)?;
+            while let Some(r) = rows.next().map_err(&c)? {
+                blobs.extend(blob(r, 0));
             }
             let mut st = conn
                 .prepare("SELECT receipts FROM events WHERE pos > ?1 AND receipts IS NOT NULL ORDER BY pos")
                 .map_err(&c)?;
-            for b in st
-                .query_map([last_pos - RECEIPT_EVENTS_KEEP], |r| r.get(0))
-                .map_err(&c)?
-            {
-                blobs.push(b.map_err(&c)?);
+            let mut rows = st
+                .query([last_pos.saturating_sub(RECEIPT_EVENTS_KEEP)])
+                .map_err(&c)?;
+            while let Some(r) = rows.next().map_err(&c)? {
+                blobs.extend(blob(r, 0));
             }
         }
         for blob in &blobs {
@@ -540,8 +563,8 @@ impl Writer {
                 }
                 let mut rec = prev.cloned().unwrap_or_default();
                 for ch in changes {
-                    pos += 1;
-                    rec.seq += 1;
+                    pos = next_pos(&self.path, pos)?;
+                    rec.seq = next_seq(rec.seq);
                     rec.note_emitted(ch.kind, obs.observed_at);
                     // Each event carries the state right after *its* change, so a receiver can
                     // apply the events one by one and check `previous` against what it holds.
@@ -563,7 +586,7 @@ impl Writer {
                             pos,
                             payload.0,
                             obs.device,
-                            rec.seq as i64,
+                            seq_i64(rec.seq),
                             ch.kind.as_str(),
                             obs.observed_at,
                             payload.1
@@ -693,13 +716,13 @@ impl Writer {
                 previous: serde_json::Value::Null,
                 current: serde_json::Value::Null,
             };
-            pos += 1;
-            rec.seq += 1;
+            pos = next_pos(&self.path, pos)?;
+            rec.seq = next_seq(rec.seq);
             rec.note_emitted(ChangeKind::Snapshot, now);
             let (id, payload) = envelope(&self.s, &self.path, device, &rec, &ch, now, clock)?;
             tx.execute(
                 "INSERT INTO events (pos, id, device, seq, type, observed_at, payload) VALUES (?1, ?2, ?3, ?4, 'snapshot', ?5, ?6)",
-                params![pos, id, device, rec.seq as i64, now, payload],
+                params![pos, id, device, seq_i64(rec.seq), now, payload],
             )
             .map_err(&c)?;
             staged.push((device.clone(), rec));
@@ -747,7 +770,7 @@ impl Writer {
                 up.execute(params![
                     d,
                     state,
-                    rec.seq as i64,
+                    seq_i64(rec.seq),
                     rec.last_snapshot_at,
                     rec.changed_since_snapshot,
                     seen
@@ -850,7 +873,9 @@ impl Writer {
                 params![max_id, over.min(GC_CHUNK)],
             )
             .map_err(&c)? as i64;
-        let total = meta_get(&self.conn, "dead_letters_dropped").map_err(&c)? + n;
+        let total = meta_get(&self.conn, "dead_letters_dropped")
+            .map_err(&c)?
+            .saturating_add(n);
         meta_set(&self.conn, "dead_letters_dropped", total).map_err(&c)?;
         tracing::error!(
             dropped = n,
@@ -918,7 +943,9 @@ impl Writer {
         }
         let n = superseded + oldest;
         if n > 0 {
-            let total = meta_get(&self.conn, "evicted_events").map_err(&c)? + n;
+            let total = meta_get(&self.conn, "evicted_events")
+                .map_err(&c)?
+                .saturating_add(n);
             meta_set(&self.conn, "evicted_events", total).map_err(&c)?;
             self.stats.evicted.store(total as u64, Ordering::Relaxed);
             self.conn
@@ -940,6 +967,50 @@ impl Writer {
             }
         }
         Ok(n > 0)
+    }
+}
+
+/// The position after `pos`; an error (not a wrap-around) at the end of the range.
+fn next_pos(path: &std::path::Path, pos: i64) -> Result<i64, Error> {
+    pos.checked_add(1).ok_or_else(|| Error::Overflow {
+        path: path.to_path_buf(),
+        what: "event position",
+    })
+}
+
+/// The seq after `seq`, kept within what the `seq` column (INTEGER) holds.
+fn next_seq(seq: u64) -> u64 {
+    seq.saturating_add(1).min(i64::MAX as u64)
+}
+
+/// `seq` as stored.
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// Column `i` as text: TEXT as is, a BLOB if it is UTF-8; `None` for anything else.
+fn text(r: &rusqlite::Row<'_>, i: usize) -> Option<String> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i).ok()? {
+        ValueRef::Text(t) | ValueRef::Blob(t) => std::str::from_utf8(t).ok().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Column `i` as bytes (TEXT or BLOB); `None` for anything else.
+fn blob(r: &rusqlite::Row<'_>, i: usize) -> Option<Vec<u8>> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i).ok()? {
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(t.to_vec()),
+        _ => None,
+    }
+}
+
+/// Column `i` as an integer; `None` unless it is an INTEGER.
+fn int(r: &rusqlite::Row<'_>, i: usize) -> Option<i64> {
+    match r.get_ref(i).ok()? {
+        rusqlite::types::ValueRef::Integer(v) => Some(v),
+        _ => None,
     }
 }
 

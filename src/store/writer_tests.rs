@@ -641,3 +641,74 @@ fn the_byte_cap_evicts_superseded_measurements_and_keeps_each_devices_newest_eve
     assert!(ev.iter().any(|e| e.device == "b" && e.seq == 1));
     assert_eq!(ev.len() as i64 + evicted, 801);
 }
+
+#[test]
+fn replay_takes_seq_from_the_column_when_the_newest_payload_is_unreadable() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1_000)));
+    h.send(plain(obs("a", 2100, 1_001)));
+    h.send(plain(obs("a", 2200, 1_002)));
+    h.wait_events(3);
+    h.stop();
+    // A crash before any checkpoint, and the newest event's payload damaged (not UTF-8).
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(
+        "DELETE FROM devices; UPDATE meta SET value = 0 WHERE key = 'checkpoint_pos';
+         UPDATE events SET payload = X'FFFE7B' WHERE pos = 3;",
+    )
+    .unwrap();
+    drop(c);
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2300, 2_000)));
+    h.wait_events(1);
+    h.stop();
+    let c = Connection::open(&path).unwrap();
+    let seqs: Vec<i64> = c
+        .prepare("SELECT seq FROM events ORDER BY pos")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "seq 3 is never reused");
+}
+
+#[test]
+fn damaged_rows_and_counters_in_the_file_never_stop_the_writer() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2000, 1_000)));
+    h.send(plain(obs("b", 2000, 1_000)));
+    h.wait_events(2);
+    h.stop();
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(
+        "UPDATE devices SET state = 'not json', seq = 'x', last_seen = -1 WHERE device = 'a';
+         UPDATE devices SET seq = 9223372036854775807 WHERE device = 'b';
+         INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
+           VALUES (X'FF', '{}', -7, 'y', 1, 0);
+         UPDATE meta SET value = 'garbage' WHERE key = 'evicted_events';
+         INSERT INTO mqtt_recent (receipts) VALUES ('text, not a blob');
+         UPDATE events SET receipts = 42 WHERE pos = 1;",
+    )
+    .unwrap();
+    drop(c);
+    let h = Harness::start(&path, settings(&[]));
+    h.send(plain(obs("a", 2100, 2_000)));
+    h.send(plain(obs("b", 2100, 2_000)));
+    h.wait_events(3);
+    h.stop();
+    let ev = events(&path);
+    let seqs =
+        |d: &str| -> Vec<u64> { ev.iter().filter(|e| e.device == d).map(|e| e.seq).collect() };
+    // `a` starts afresh (its state is unreadable) but its seq continues from the largest stored
+    // one; `b` stays at the largest seq a column holds instead of wrapping to a negative one.
+    let a = seqs("a");
+    assert_eq!(a[0], 1);
+    assert!(
+        a.len() >= 2 && a.windows(2).all(|w| w[1] == w[0] + 1),
+        "{a:?}"
+    );
+    assert_eq!(seqs("b"), vec![1, i64::MAX as u64]);
+}

@@ -319,3 +319,91 @@ async fn a_locked_database_delays_the_sink_but_never_stops_the_daemon() {
     s.receiver.wait_unique_events(4, TIMEOUT).await;
     s.daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_stored_event_becomes_an_unreadable_dead_letter_and_the_rest_flow() {
+    let sb = Sandbox::new("unreadable_row");
+    let mut s = setup(&sb, Reply::ok(), |_| {}).await;
+    s.receiver.stop().await;
+    let db = publish_events(&mut s, &["trv"], 3).await;
+    let rows = db.events();
+    // Damage the middle event on disk: its payload is no longer UTF-8.
+    let c = rusqlite::Connection::open(sb.path().join("hvac-edge.db")).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("UPDATE events SET payload = X'FF7B22' WHERE pos = 2", [])
+        .unwrap();
+    drop(c);
+    s.receiver.restart().await;
+    let unique = s.receiver.wait_unique_events(2, TIMEOUT).await;
+    assert_eq!(ids(&unique), vec![rows[0].id.clone(), rows[2].id.clone()]);
+    wait_until_async("the dead letter", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM dead_letters") == 1
+    })
+    .await;
+    let d = &db.dead_letters()[0];
+    assert_eq!(
+        (d.event_id.as_str(), d.seq, d.reason.as_str(), d.http_status),
+        (rows[1].id.as_str(), 2, "unreadable", None)
+    );
+    s.daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_is_quarantined_at_start_and_the_daemon_serves_on_a_fresh_one() {
+    let sb = Sandbox::new("corrupt_start");
+    let mut s = setup(&sb, Reply::ok(), |_| {}).await;
+    let devices: Vec<String> = (0..40).map(|i| format!("trv{i:02}")).collect();
+    let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    publish_events(&mut s, &names, 5).await;
+    s.receiver.wait_unique_events(200, TIMEOUT).await;
+    let Setup {
+        _broker: broker,
+        receiver,
+        tc,
+        daemon,
+        mut publisher,
+    } = s;
+    daemon.stop().await.unwrap();
+    let path = tc.db_path();
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8 * 4096, "{} bytes", bytes.len());
+    for b in bytes.iter_mut().skip(4096).take(4 * 4096) {
+        *b = 0x5A;
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let daemon = Daemon::start(tc.build()).await;
+    let dir = sb.path();
+    let moved: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hvac-edge.db.corrupt-") && !n.ends_with("-wal"))
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 2, TIMEOUT)
+        .await;
+    publisher
+        .publish(
+            &format!("{}/fresh", tc.base_topic()),
+            trv_state(21.0),
+            false,
+        )
+        .await;
+    receiver
+        .wait_event("the fresh database delivers", TIMEOUT, |e| {
+            e.device == "fresh" && e.seq == 1
+        })
+        .await;
+    // The technician sees it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["queue", "stats", "--json", "--db"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let q = stats["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1);
+    assert!(q[0].as_str().unwrap().ends_with(&moved[0]), "{q:?}");
+    daemon.stop().await.unwrap();
+}
