@@ -576,15 +576,22 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// Parses and validates config text (`path` is used in messages only).
 ///
 /// # Errors
-/// [`LoadError::Parse`] for TOML/type errors (with the line), [`LoadError::Invalid`] for rule violations.
+/// [`LoadError::Parse`] for TOML/type errors (with line and column, never the line's text),
+/// [`LoadError::Invalid`] for rule violations. URL userinfo is redacted in both.
 pub fn parse(text: &str, path: &Path) -> Result<Config, LoadError> {
     let cfg: Config = toml::from_str(text).map_err(|e| LoadError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().to_string(),
+        message: toml_error_message(text, &e),
     })?;
     cfg.validate().map_err(|problems| LoadError::Invalid {
         path: path.to_path_buf(),
-        problems,
+        problems: problems
+            .into_iter()
+            .map(|p| ConfigError {
+                problem: redact_userinfo(&p.problem),
+                ..p
+            })
+            .collect(),
     })?;
     Ok(cfg)
 }
@@ -917,7 +924,7 @@ impl Config {
             match url::Url::parse(&s.url) {
                 Err(e) => p.add(
                     format!("{k}.url"),
-                    format!("{:?} is not a valid URL: {e}", s.url),
+                    format!("{:?} is not a valid URL: {e}", redact_userinfo(&s.url)),
                 ),
                 Ok(u) if !u.username().is_empty() || u.password().is_some() => p.add(
                     format!("{k}.url"),
@@ -1195,30 +1202,134 @@ fn valid_filter(t: &str) -> bool {
     true
 }
 
-/// Reads a secret file, refusing one readable by group or others. Returns the trimmed secret.
+/// Largest secret file accepted, in bytes (a key, a password, a `whsec_` secret).
+pub const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
+/// Where a `*_file` value points: a bare name (no `/`) is a systemd credential, looked up in
+/// `$CREDENTIALS_DIRECTORY` (`LoadCredential=name:/path` in the unit); anything else is a path.
+///
+/// # Errors
+/// A bare name while `$CREDENTIALS_DIRECTORY` is not set.
+pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = path.as_os_str().as_bytes();
+    if raw.is_empty() || raw.contains(&b'/') {
+        return Ok(path.to_path_buf());
+    }
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) if !dir.is_empty() => Ok(Path::new(&dir).join(path)),
+        _ => Err(format!(
+            "{} is a bare name, which names a systemd credential in $CREDENTIALS_DIRECTORY \
+             (LoadCredential=), but $CREDENTIALS_DIRECTORY is not set; give an absolute path",
+            path.display()
+        )),
+    }
+}
+
+/// Reads a secret file (`*_file` keys; a bare name is looked up with
+/// [`resolve_secret_path`]). The file is opened once and every check is made on the open
+/// descriptor (`fstat`), then the secret is read from that same descriptor, so the file
+/// cannot be swapped between check and read: a regular file (never a FIFO or a device: opened
+/// non-blocking), no permission for group or others, owned by the user running hvac-edge or
+/// by root (systemd credentials are root-owned, mode 0400), at most
+/// [`MAX_SECRET_FILE_BYTES`]. Returns the trimmed secret.
 ///
 /// # Errors
 /// A message naming the file and what is wrong (never the secret).
 pub fn read_secret_file(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode();
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let path = resolve_secret_path(path)?;
+    let shown = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    // fstat(2) on the descriptor just opened.
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mode = meta.mode();
     if mode & 0o077 != 0 {
         return Err(format!(
-            "{} is accessible by group or others (mode {:o}); run chmod 600 {}",
-            path.display(),
+            "{shown} is accessible by group or others (mode {:o}); run chmod 600 {shown}",
             mode & 0o777,
-            path.display()
         ));
     }
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(format!(
+            "{shown} is owned by uid {}; it must be owned by the user running hvac-edge (uid \
+             {euid}) or by root",
+            meta.uid()
+        ));
+    }
+    let too_big = || {
+        format!(
+            "{shown} is larger than {MAX_SECRET_FILE_BYTES} bytes; it must hold only the secret"
+        )
+    };
+    if meta.len() > MAX_SECRET_FILE_BYTES {
+        return Err(too_big());
+    }
+    // One byte more than allowed, so that a file that grew since fstat is noticed.
+    let mut buf = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if buf.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(too_big());
+    }
+    let s = String::from_utf8(buf).map_err(|_| format!("{shown} is not UTF-8 text"))?;
     let s = s.trim().to_string();
     if s.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(format!("{shown} is empty"));
     }
     Ok(s)
+}
+
+/// Replaces the userinfo of every URL in `text` (`https://user:pass@host` → `https://***@host`),
+/// so that config errors and logs never echo a credential pasted into a URL.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the path, query or fragment, or where the URL ends in prose.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A TOML or type error as `at line L, column C: message`, without toml's quote of the source
+/// line (a secret pasted into the config would be printed) and with URL userinfo redacted.
+pub fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
+    let message = redact_userinfo(e.message().trim_end());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("at line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 /// Reads a secret from an environment variable.

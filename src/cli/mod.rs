@@ -124,8 +124,9 @@ impl DbArgs {
         })?;
         let cfg: crate::config::Config = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
-                "{} is not valid TOML for hvac-edge: {e}",
-                self.config.display()
+                "{} is not valid TOML for hvac-edge: {}",
+                self.config.display(),
+                crate::config::toml_error_message(&text, &e)
             )
         })?;
         Ok(cfg.store.path)

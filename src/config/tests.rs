@@ -2248,3 +2248,145 @@ fn gateway_clock_is_ntp_by_default_or_trusted() {
     let msg = parse_error(&format!("{GATEWAY}clock = \"gps\"\n"));
     assert!(msg.contains("unknown variant `gps`"), "{msg}");
 }
+
+// ---------------------------------------------------------------------- secrets never echoed
+
+/// Issue 11 item 21: toml's error Display quotes the offending source line; a secret pasted
+/// into the config (an unknown key, a bare value) would be printed by `check-config`.
+#[test]
+fn parse_errors_name_line_and_column_but_never_quote_the_line() {
+    let text = format!("{GATEWAY}{}", https("password = \"hunter2-s3cret\"\n"));
+    let msg = parse_error(&text);
+    assert!(
+        msg.starts_with("at line 6, column 1: unknown field `password`, expected one of "),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+    assert!(!msg.contains('|'), "no source snippet: {msg}");
+
+    let text = format!("{GATEWAY}[store]\npath = hunter2-s3cret\n");
+    let msg = parse_error(&text);
+    assert!(msg.starts_with("at line 4, column 8: "), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
+
+    // A missing table is reported at the start of the document.
+    assert_eq!(
+        parse_error("[store]\n"),
+        "at line 1, column 1: missing field `gateway`"
+    );
+}
+
+#[test]
+fn redact_userinfo_hides_credentials_in_every_url_of_a_text() {
+    assert_eq!(
+        redact_userinfo("https://user:pass@host/x"),
+        "https://***@host/x"
+    );
+    assert_eq!(
+        redact_userinfo("\"mqtts://u@broker:8883\" and http://a:b@c?d=e@f"),
+        "\"mqtts://***@broker:8883\" and http://***@c?d=e@f"
+    );
+    assert_eq!(
+        redact_userinfo("https://ingest.example.com/p@th"),
+        "https://ingest.example.com/p@th"
+    );
+    assert_eq!(redact_userinfo("no url here: a@b"), "no url here: a@b");
+    assert_eq!(redact_userinfo("https://u:p@"), "https://***@");
+}
+
+#[test]
+fn config_errors_redact_url_userinfo() {
+    let url_problem = problems_of(&format!(
+        "{GATEWAY}{}",
+        sink("https://user:p4ss@exa mple.com/v1", "")
+    ));
+    assert_eq!(
+        url_problem,
+        vec![problem(
+            "sinks.http[0].url",
+            "\"https://***@exa mple.com/v1\" is not a valid URL: invalid international domain name"
+        )]
+    );
+    // A URL in a serde message (a value of the wrong kind) through `parse`.
+    let msg = parse_error(&format!(
+        "{GATEWAY}{}",
+        https("from = \"https://user:p4ss@example.com\"\n")
+    ));
+    assert!(
+        msg.contains("unknown variant `https://***@example.com`"),
+        "{msg}"
+    );
+    assert!(!msg.contains("p4ss"), "{msg}");
+}
+
+/// Issue 11 item 21: a secret file is opened once and checked on the open descriptor:
+/// regular file, no group/other bits, owner, size; a FIFO does not hang the check.
+#[test]
+fn secret_files_are_checked_on_the_open_descriptor() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let at_most = secret_file(&dir, "4096", &"k".repeat(4096), 0o600);
+    assert_eq!(read_secret_file(&at_most), Ok("k".repeat(4096)));
+    let over = secret_file(&dir, "4097", &"k".repeat(4097), 0o600);
+    assert_eq!(
+        read_secret_file(&over),
+        Err(format!(
+            "{} is larger than 4096 bytes; it must hold only the secret",
+            over.display()
+        ))
+    );
+    let fifo = dir.path().join("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg("-m")
+        .arg("600")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        read_secret_file(&fifo),
+        Err(format!("{} is not a regular file", fifo.display()))
+    );
+    let sub = dir.path().join("dir");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        read_secret_file(&sub),
+        Err(format!("{} is not a regular file", sub.display()))
+    );
+    let binary = dir.path().join("binary");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        read_secret_file(&binary),
+        Err(format!("{} is not UTF-8 text", binary.display()))
+    );
+    // Owned by someone else (needs root to chown; the tests run as root in CI).
+    let theirs = secret_file(&dir, "theirs", "k3y", 0o600);
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        std::os::unix::fs::chown(&theirs, Some(12345), None).unwrap();
+        assert_eq!(std::fs::metadata(&theirs).unwrap().uid(), 12345);
+        assert_eq!(
+            read_secret_file(&theirs),
+            Err(format!(
+                "{} is owned by uid 12345; it must be owned by the user running hvac-edge (uid 0) or by root",
+                theirs.display()
+            ))
+        );
+    } else {
+        assert_eq!(read_secret_file(&theirs), Ok("k3y".to_string()));
+    }
+}
+
+#[test]
+fn a_path_with_a_slash_is_never_a_credential_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = secret_file(&dir, "pw", "x", 0o600);
+    assert_eq!(resolve_secret_path(&f), Ok(f.clone()));
+    assert_eq!(
+        resolve_secret_path(Path::new("./pw")),
+        Ok(PathBuf::from("./pw"))
+    );
+}

@@ -350,3 +350,82 @@ async fn issue_11_flood_of_bogus_device_ids_writes_a_bounded_number_of_log_lines
         dropped[0]
     );
 }
+
+/// Issue 11 item 21: a `*_file` value that is a bare name is a systemd credential
+/// (`LoadCredential=`), read from `$CREDENTIALS_DIRECTORY` by `check-config` and by the daemon
+/// (the broker sees the username, so the source started with the password); without the
+/// variable it is a config error naming the key. Parse errors never print the config line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_secret_file_bare_name_is_a_systemd_credential() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("credentials");
+    let creds = sb.path().join("credentials");
+    std::fs::create_dir(&creds).expect("credentials dir");
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o700))
+        .expect("chmod credentials dir");
+    let pw = creds.join("mqtt-password");
+    std::fs::write(&pw, "s3cret-pw\n").expect("write the credential");
+    // What systemd gives a LoadCredential= file: mode 0400 (owned by root).
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o400)).expect("chmod 400");
+    let broker = Mosquitto::start();
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .source_set("z2m", "username", &toml_str("hvac-user"))
+        .source_set("z2m", "password_file", &toml_str("mqtt-password"));
+    let config = tc.write("hvac-edge.toml");
+    let config_s = config.display().to_string();
+    let creds_s = creds.display().to_string();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["check-config", "-c", &config_s])
+        .env("CREDENTIALS_DIRECTORY", &creds_s)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["check-config", "-c", &config_s])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {config_s} is invalid (1 problem)\n  sources.mqtt[0].password_file: mqtt-password \
+             is a bare name, which names a systemd credential in $CREDENTIALS_DIRECTORY \
+             (LoadCredential=), but $CREDENTIALS_DIRECTORY is not set; give an absolute path\n"
+        )
+    );
+
+    let mut daemon =
+        DaemonProcess::spawn(&config, sb.path(), &[("CREDENTIALS_DIRECTORY", &creds_s)]);
+    broker
+        .wait_connected(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    assert!(
+        broker.count_lines_containing("u'hvac-user'") >= 1,
+        "{}",
+        broker.log()
+    );
+    daemon.sigterm();
+    let status = daemon.wait_timeout_async(TIMEOUT).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        daemon.stderr()
+    );
+
+    // A secret pasted into the config as an unknown key is not echoed by the parse error.
+    tc.source_set("z2m", "password", &toml_str("hunter2-pasted"));
+    let bad = tc.write("bad.toml");
+    let (code, _, err) = cli(&["check-config", "-c", &bad.display().to_string()]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains(": at line "), "{err}");
+    assert!(err.contains("unknown field `password`"), "{err}");
+    assert!(!err.contains("hunter2"), "the secret leaked: {err}");
+}
