@@ -76,14 +76,27 @@ pub struct WriterStats {
     pub evicted: AtomicU64,
     /// Events stored right now.
     pub stored: AtomicU64,
+    /// Longest single round of size-cap work (one statement or transaction), µs.
+    pub cap_round_max_us: AtomicU64,
+    /// Longest housekeeping run (snapshots, checkpoint, GC, cap, vacuum, WAL), µs.
+    pub housekeeping_max_us: AtomicU64,
 }
 
 /// Most recent committed MQTT messages remembered per source for duplicate detection.
 const RECENT_MAX: usize = 4096;
 /// `mqtt_recent` rows kept (one per commit that carried MQTT messages).
 const RECENT_ROWS_KEEP: i64 = 1024;
-/// Eviction rounds per housekeeping run (each evicts about 5 % of the events).
-const CAP_ROUNDS: usize = 20;
+/// Time one housekeeping run may spend enforcing the size cap (rounds of bounded work, each a
+/// short statement of its own: the write lock is never held long).
+const CAP_BUDGET: Duration = Duration::from_millis(50);
+/// Positions one cap round scans for superseded measurements.
+const CAP_WINDOW: i64 = 4000;
+/// Most rows one cap round deletes.
+const CAP_CHUNK: i64 = 2000;
+/// Dead letters may take at most 1/this of `store.max_bytes`.
+const DEAD_LETTER_SHARE: u64 = 10;
+/// Free pages returned to the file system per housekeeping run (incremental vacuum).
+const VACUUM_PAGES: i64 = 1024;
 /// Housekeeping runs at least this often while messages flow (and on every `Tick`).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Receipts on events older than this many positions are not carried over when GC deletes them.
@@ -135,6 +148,16 @@ pub struct Writer {
     on_commit: Box<dyn FnMut(&WriterStats) + Send>,
     /// Wall-clock steps, checked on every housekeeping run (sinks re-base event ages with them).
     clock: Arc<crate::clock::ClockSteps>,
+    /// Newest `pos` of a temperature / humidity event per device, since start: any older one of
+    /// the same kind is superseded (what the size cap evicts first).
+    latest_measure: HashMap<String, [i64; 2]>,
+    /// Where the cap's scan for superseded measurements goes on; whether a new measurement may
+    /// have superseded something since the last complete scan found nothing.
+    cap_scan_pos: i64,
+    cap_pass_found: bool,
+    cap_dirty: bool,
+    /// WAL size past which housekeeping truncates it (`journal_size_limit` too).
+    wal_limit: u64,
 }
 
 impl Writer {
@@ -294,6 +317,13 @@ impl Writer {
             );
         }
         committed_tx.send_replace(last_pos);
+        let wal_limit = wal_limit(s.max_bytes);
+        // Checkpoint at SQLite's default 1000 pages, or sooner when the limit is smaller.
+        let autocheckpoint = (wal_limit / 4096).clamp(1, 1000);
+        conn.execute_batch(&format!(
+            "PRAGMA journal_size_limit = {wal_limit}; PRAGMA wal_autocheckpoint = {autocheckpoint};"
+        ))
+        .map_err(&c)?;
         Ok(Writer {
             conn,
             path,
@@ -314,6 +344,11 @@ impl Writer {
             conflict_log: RateLimit::new(Duration::from_secs(60)),
             on_commit: Box::new(|_| {}),
             clock: Arc::default(),
+            latest_measure: HashMap::new(),
+            cap_scan_pos: 0,
+            cap_pass_found: false,
+            cap_dirty: true,
+            wal_limit,
         })
     }
 
@@ -387,7 +422,13 @@ impl Writer {
             // must run precisely then.
             if tick || self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 self.last_housekeeping = Instant::now();
-                if let Err(e) = self.housekeeping(crate::telemetry::now_ms()) {
+                let res = self.housekeeping(crate::telemetry::now_ms());
+                let us =
+                    u64::try_from(self.last_housekeeping.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.stats
+                    .housekeeping_max_us
+                    .fetch_max(us, Ordering::Relaxed);
+                if let Err(e) = res {
                     if e.is_corrupt() {
                         return Err(e);
                     }
@@ -494,6 +535,7 @@ impl Writer {
         let mut new_recent: HashMap<String, Vec<(u16, u64)>> = HashMap::new();
         let mut seen: Vec<(String, UnixMs)> = Vec::new();
         let mut events_added = 0u64;
+        let mut measures: Vec<(String, usize, i64)> = Vec::new();
         let mut dups = 0u64;
         let mut conflicts = 0u64;
         let mut rejected = 0u64;
@@ -593,6 +635,9 @@ impl Writer {
                         ])
                         .map_err(&c)?;
                     events_added += 1;
+                    if let Some(k) = measure_index(ch.kind.as_str()) {
+                        measures.push((obs.device.clone(), k, pos));
+                    }
                 }
                 staged.insert(obs.device.clone(), rec);
             }
@@ -624,6 +669,14 @@ impl Writer {
         }
         for (device, at) in seen {
             self.last_seen.insert(device, at);
+        }
+        for (device, k, p) in measures {
+            let slot = self.latest_measure.entry(device).or_insert([0, 0]);
+            if slot[k] != 0 {
+                // An older measurement of this device and kind is now superseded.
+                self.cap_dirty = true;
+            }
+            slot[k] = p;
         }
         for (source, entries) in new_recent {
             let set = self.recent.entry(source).or_default();
@@ -658,22 +711,22 @@ impl Writer {
         }
         self.collect_garbage()?;
         self.trim_dead_letters()?;
-        // Several rounds if needed: a cap reached under heavy ingest must not fall behind.
-        for _ in 0..CAP_ROUNDS {
-            if !self.enforce_cap()? {
+        // Rounds of bounded work within a time budget: a cap reached under heavy ingest must not
+        // fall behind, and must not stall commits either.
+        let started = Instant::now();
+        while started.elapsed() < CAP_BUDGET {
+            let round = Instant::now();
+            let more = self.enforce_cap()?;
+            let us = u64::try_from(round.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.stats.cap_round_max_us.fetch_max(us, Ordering::Relaxed);
+            if !more {
                 break;
             }
         }
-        let c = ctx(&self.path);
-        let free: i64 = self
-            .conn
-            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
-            .map_err(&c)?;
-        if free > 256 {
-            self.conn
-                .execute_batch("PRAGMA incremental_vacuum(2048);")
-                .map_err(&c)?;
-        }
+        self.vacuum_step()?;
+        self.bound_wal()?;
+        let path = self.path.clone();
+        let c = ctx(&path);
         let rows: i64 = self
             .conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM mqtt_recent", [], |r| {
@@ -846,7 +899,73 @@ impl Writer {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(&c)?;
-        Ok(((pages - free).max(0) * size) as u64)
+        let used =
+            u64::try_from(pages.saturating_sub(free).max(0).saturating_mul(size)).unwrap_or(0);
+        Ok(used.saturating_add(self.wal_bytes()))
+    }
+
+    /// Size of the `-wal` file (0 when absent).
+    fn wal_bytes(&self) -> u64 {
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len())
+    }
+
+    /// Returns up to [`VACUUM_PAGES`] free pages to the file system. `PRAGMA incremental_vacuum`
+    /// frees one page per step of the statement, so it is stepped to the end. Nothing is written
+    /// when the freelist is empty (an idle writer writes nothing).
+    fn vacuum_step(&mut self) -> Result<(), Error> {
+        let c = ctx(&self.path);
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .map_err(&c)?;
+        if free == 0 {
+            return Ok(());
+        }
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "PRAGMA incremental_vacuum({})",
+                free.min(VACUUM_PAGES)
+            ))
+            .map_err(&c)?;
+        let mut rows = st.query([]).map_err(&c)?;
+        while rows.next().map_err(&c)?.is_some() {}
+        Ok(())
+    }
+
+    /// Truncates the WAL when it passed its limit (readers can hold it open and make it grow);
+    /// never waits for readers: when one is active it is tried again on the next run.
+    fn bound_wal(&mut self) -> Result<(), Error> {
+        if self.wal_bytes() <= self.wal_limit {
+            return Ok(());
+        }
+        let c = ctx(&self.path);
+        let previous: i64 = self
+            .conn
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .map_err(&c)?;
+        let busy = self.conn.busy_timeout(Duration::ZERO);
+        let res: rusqlite::Result<(i64, i64, i64)> =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+        busy.and_then(|()| {
+            self.conn.busy_timeout(Duration::from_millis(
+                u64::try_from(previous).unwrap_or(5000),
+            ))
+        })
+        .map_err(&c)?;
+        match res {
+            Ok((0, _, _)) => tracing::debug!(limit = self.wal_limit, "WAL truncated"),
+            Ok(_) | Err(rusqlite::Error::SqliteFailure(_, _)) => {
+                tracing::debug!("WAL truncation deferred (a reader is active)")
+            }
+            Err(e) => return Err(c(e)),
+        }
+        Ok(())
     }
 
     /// Keeps at most `max_dead_letters` dead letters: deletes the oldest beyond it, counts them
@@ -862,7 +981,30 @@ impl Writer {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(&c)?;
-        let over = count - self.s.max_dead_letters as i64;
+        let by_count =
+            count.saturating_sub(i64::try_from(self.s.max_dead_letters).unwrap_or(i64::MAX));
+        // By bytes too: at most a share of the store cap, estimated from the newest rows (a sum
+        // over the table would read all of it on every run).
+        let mut by_bytes = 0i64;
+        if self.s.max_bytes > 0 && count > 0 {
+            let avg: f64 = self
+                .conn
+                .query_row(
+                    "SELECT COALESCE(AVG(length(payload) + length(COALESCE(response_snippet, '')) + 96), 0) FROM (SELECT payload, response_snippet FROM dead_letters ORDER BY id DESC LIMIT 64)",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(&c)?;
+            let share = self.s.max_bytes / DEAD_LETTER_SHARE;
+            #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+            let allowed = if avg > 0.0 {
+                (share as f64 / avg) as i64
+            } else {
+                count
+            };
+            by_bytes = count.saturating_sub(allowed);
+        }
+        let over = by_count.max(by_bytes);
         if over <= 0 {
             return Ok(());
         }
@@ -881,18 +1023,22 @@ impl Writer {
             dropped = n,
             total_dropped = total,
             max_dead_letters = self.s.max_dead_letters,
-            "Dead-letter table full: deleted the oldest dead letters (store.max_dead_letters)"
+            max_share_of_store = format!("1/{DEAD_LETTER_SHARE}"),
+            "Dead-letter table full: deleted the oldest dead letters (store.max_dead_letters, or a tenth of store.max_bytes)"
         );
         Ok(())
     }
 
-    /// Enforces `max_bytes` / `max_events`: superseded measurements first, then the oldest events.
-    /// Returns whether it evicted anything (the caller repeats while it does).
+    /// Enforces `max_bytes` (file + WAL) / `max_events`, one bounded round per call: superseded
+    /// measurements first (a bounded window of positions per round, matched against the newest
+    /// measurement per device kept in memory), then dead letters (they never make the cap evict
+    /// undelivered events), then the oldest events. Returns whether there is more to do.
     fn enforce_cap(&mut self) -> Result<bool, Error> {
         let path = self.path.clone();
         let c = ctx(&path);
-        let stored = self.stats.stored.load(Ordering::Relaxed) as i64;
-        let over_events = self.s.max_events > 0 && stored > self.s.max_events as i64;
+        let stored = i64::try_from(self.stats.stored.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        let max_events = i64::try_from(self.s.max_events).unwrap_or(i64::MAX);
+        let over_events = self.s.max_events > 0 && stored > max_events;
         let over_bytes = self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes;
         if !over_events && !over_bytes {
             return Ok(false);
@@ -900,73 +1046,165 @@ impl Writer {
         // Evict a little more than strictly needed (5 %) so the cap is not hit on every tick.
         let mut need = 0i64;
         if over_events {
-            need = stored - self.s.max_events as i64 + (self.s.max_events as i64 / 20);
+            need = stored - max_events + max_events / 20;
         }
         if over_bytes {
             need = need.max((stored / 20).max(100));
         }
-        // Superseded measurements: a newer event of the same device and type exists. The device's
-        // newest event is never among them, so replay after a crash still sees the latest state.
-        let superseded = self
+        let need = need.clamp(1, CAP_CHUNK);
+        if self.cap_dirty {
+            let from = self.cap_scan_pos;
+            let to = from.saturating_add(CAP_WINDOW).min(self.last_pos);
+            let superseded: Vec<i64> = {
+                let mut st = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT pos, device, type FROM events WHERE pos > ?1 AND pos <= ?2 AND type IN ('temperature', 'humidity')",
+                    )
+                    .map_err(&c)?;
+                let mut rows = st.query(params![from, to]).map_err(&c)?;
+                let mut out = Vec::new();
+                while let Some(r) = rows.next().map_err(&c)? {
+                    let (Some(pos), Some(device), Some(kind)) = (int(r, 0), text(r, 1), text(r, 2))
+                    else {
+                        continue;
+                    };
+                    let newer = measure_index(&kind)
+                        .and_then(|k| self.latest_measure.get(&device).map(|l| l[k]))
+                        .is_some_and(|latest| latest > pos);
+                    if newer {
+                        out.push(pos);
+                        if out.len() as i64 >= need {
+                            break;
+                        }
+                    }
+                }
+                out
+            };
+            let n = superseded.len() as i64;
+            // Resume after the last one taken, or after the window.
+            self.cap_scan_pos = if n >= need {
+                superseded[superseded.len() - 1]
+            } else {
+                to
+            };
+            if n > 0 {
+                self.cap_pass_found = true;
+                let tx = self.conn.transaction().map_err(&c)?;
+                {
+                    let mut del = tx
+                        .prepare_cached("DELETE FROM events WHERE pos = ?1")
+                        .map_err(&c)?;
+                    for p in &superseded {
+                        del.execute([p]).map_err(&c)?;
+                    }
+                }
+                tx.commit().map_err(&c)?;
+                self.count_evicted(n, 0)?;
+                return Ok(true);
+            }
+            if self.cap_scan_pos >= self.last_pos {
+                // A whole pass done: start again, or, if it found nothing, stop scanning until a
+                // new measurement supersedes something.
+                self.cap_scan_pos = 0;
+                if !self.cap_pass_found {
+                    self.cap_dirty = false;
+                }
+                self.cap_pass_found = false;
+            }
+            return Ok(true);
+        }
+        // Dead letters go before any undelivered event.
+        let dead = self
             .conn
             .execute(
-                "DELETE FROM events WHERE pos IN (
-                   SELECT pos FROM (
-                     SELECT pos, row_number() OVER (PARTITION BY device, type ORDER BY pos DESC) AS rn
-                     FROM events WHERE type IN ('temperature', 'humidity')
-                   ) WHERE rn > 1 ORDER BY pos LIMIT ?1)",
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
                 [need],
             )
             .map_err(&c)? as i64;
-        self.stats
-            .stored
-            .fetch_sub((superseded as u64).min(stored as u64), Ordering::Relaxed);
-        let still_over = (self.s.max_events > 0
-            && self.stats.stored.load(Ordering::Relaxed) > self.s.max_events)
-            || (self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes);
-        let mut oldest = 0i64;
-        if still_over && superseded < need {
-            // What is left to evict is real data loss for some receiver: checkpoint first so the
-            // device cache no longer needs these events, then drop the oldest (never the newest).
-            self.checkpoint()?;
-            oldest = self
-                .conn
-                .execute(
-                    "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)",
-                    params![self.last_pos, need - superseded],
-                )
-                .map_err(&c)? as i64;
-            let left = self.stats.stored.load(Ordering::Relaxed);
-            self.stats
-                .stored
-                .store(left.saturating_sub(oldest as u64), Ordering::Relaxed);
-        }
-        let n = superseded + oldest;
-        if n > 0 {
-            let total = meta_get(&self.conn, "evicted_events")
+        if dead > 0 {
+            let total = meta_get(&self.conn, "dead_letters_dropped")
                 .map_err(&c)?
-                .saturating_add(n);
-            meta_set(&self.conn, "evicted_events", total).map_err(&c)?;
-            self.stats.evicted.store(total as u64, Ordering::Relaxed);
-            self.conn
-                .execute_batch("PRAGMA incremental_vacuum;")
-                .map_err(&c)?;
-            if oldest > 0 {
+                .saturating_add(dead);
+            meta_set(&self.conn, "dead_letters_dropped", total).map_err(&c)?;
+            if let Some(suppressed) = self.conflict_log.check("cap_dead_letters") {
                 tracing::error!(
-                    superseded,
-                    oldest,
-                    total_evicted = total,
-                    "Store cap reached: evicted undelivered events (data loss for lagging sinks)"
-                );
-            } else {
-                tracing::warn!(
-                    superseded,
-                    total_evicted = total,
-                    "Store cap reached: evicted superseded measurement events"
+                    dropped = dead,
+                    total_dropped = total,
+                    suppressed,
+                    "Store cap reached: deleted the oldest dead letters before any undelivered event"
                 );
             }
+            return Ok(true);
         }
-        Ok(n > 0)
+        // What is left to evict is real data loss for some receiver: checkpoint first so the
+        // device cache no longer needs these events, then drop the oldest (never the newest).
+        self.checkpoint()?;
+        let oldest = self
+            .conn
+            .execute(
+                "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)",
+                params![self.last_pos, need],
+            )
+            .map_err(&c)? as i64;
+        self.count_evicted(0, oldest)?;
+        Ok(oldest > 0)
+    }
+
+    /// Counts and logs evicted events (rate-limited: the cap runs in many small rounds).
+    fn count_evicted(&mut self, superseded: i64, oldest: i64) -> Result<(), Error> {
+        let n = superseded + oldest;
+        if n == 0 {
+            return Ok(());
+        }
+        let c = ctx(&self.path);
+        let left = self.stats.stored.load(Ordering::Relaxed);
+        self.stats
+            .stored
+            .store(left.saturating_sub(n as u64), Ordering::Relaxed);
+        let total = meta_get(&self.conn, "evicted_events")
+            .map_err(&c)?
+            .saturating_add(n);
+        meta_set(&self.conn, "evicted_events", total).map_err(&c)?;
+        self.stats.evicted.store(total as u64, Ordering::Relaxed);
+        if oldest > 0 {
+            if let Some(suppressed) = self.conflict_log.check("cap_oldest") {
+                tracing::error!(
+                    oldest,
+                    total_evicted = total,
+                    suppressed,
+                    "Store cap reached: evicted undelivered events (data loss for lagging sinks)"
+                );
+            }
+        } else if let Some(suppressed) = self.conflict_log.check("cap_superseded") {
+            tracing::warn!(
+                superseded,
+                total_evicted = total,
+                suppressed,
+                "Store cap reached: evicted superseded measurement events"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Index of a measurement kind in [`Writer::latest_measure`].
+fn measure_index(kind: &str) -> Option<usize> {
+    match kind {
+        "temperature" => Some(0),
+        "humidity" => Some(1),
+        _ => None,
+    }
+}
+
+/// WAL size limit for a store cap (which counts the WAL): an eighth of it, at most 64 MiB
+/// (64 MiB without a cap).
+fn wal_limit(max_bytes: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    if max_bytes == 0 {
+        64 * MIB
+    } else {
+        (max_bytes / 8).clamp(32 * 1024, 64 * MIB)
     }
 }
 

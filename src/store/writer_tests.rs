@@ -712,3 +712,169 @@ fn damaged_rows_and_counters_in_the_file_never_stop_the_writer() {
     );
     assert_eq!(seqs("b"), vec![1, i64::MAX as u64]);
 }
+
+/// Inserts `n` dead letters of about `bytes` bytes each for sink `sink`.
+fn add_dead_letters(path: &Path, sink: &str, n: i64, bytes: i64) {
+    let c = Connection::open(path).unwrap();
+    c.execute(
+        "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?1)
+         INSERT INTO dead_letters (sink, event_pos, event_id, device, seq, type, payload, reason, at)
+         SELECT ?2, i, 'id' || i, 'old', i, 'setpoint', hex(randomblob(?3 / 2)), 'rejected', 0 FROM k",
+        rusqlite::params![n, sink, bytes],
+    )
+    .unwrap();
+}
+
+fn count(path: &Path, sql: &str) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn dead_letters_never_make_the_cap_evict_undelivered_events() {
+    let (_d, path) = db();
+    let mut s = settings(&["slow"]);
+    s.max_bytes = 2 * 1024 * 1024;
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "slow", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    // 3 MiB of dead letters: the store is over its cap before any event.
+    add_dead_letters(&path, "slow", 3000, 1000);
+    let h = Harness::start(&path, s);
+    for i in 0..50 {
+        h.send(plain(obs(&format!("d{i}"), 2000, i)));
+    }
+    h.wait_events(50);
+    for _ in 0..40 {
+        h.tick();
+    }
+    h.stop();
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM events"),
+        50,
+        "no event evicted"
+    );
+    assert_eq!(
+        count(
+            &path,
+            "SELECT COALESCE((SELECT value FROM meta WHERE key = 'evicted_events'), 0)"
+        ),
+        0
+    );
+    let left = count(&path, "SELECT COUNT(*) FROM dead_letters");
+    let dropped = count(
+        &path,
+        "SELECT value FROM meta WHERE key = 'dead_letters_dropped'",
+    );
+    assert_eq!(left + dropped, 3000);
+    // At most a tenth of the cap (~2 KiB each with overhead): about 200 left.
+    assert!(left <= 220, "{left} dead letters left");
+    // The oldest went first.
+    assert_eq!(
+        count(&path, "SELECT MIN(event_pos) FROM dead_letters"),
+        3000 - left + 1
+    );
+}
+
+#[test]
+fn a_drained_outage_is_vacuumed_until_the_freelist_is_empty_then_nothing_is_written() {
+    let (_d, path) = db();
+    let mut s = settings(&["up"]);
+    s.checkpoint_interval = Duration::ZERO;
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "up", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    let h = Harness::start(&path, s);
+    for i in 0..4000 {
+        h.send(plain(obs(&format!("d{}", i % 200), 1000 + i, i)));
+    }
+    h.wait_events(4000);
+    h.tick();
+    let pages_full = count(&path, "SELECT page_count FROM pragma_page_count");
+    // The sink delivered everything: garbage collection frees the pages, the vacuum returns them.
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE sinks SET cursor = 4000 WHERE name = 'up'", [])
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        h.tick();
+        std::thread::sleep(Duration::from_millis(20));
+        let free = count(&path, "SELECT freelist_count FROM pragma_freelist_count");
+        let events = count(&path, "SELECT COUNT(*) FROM events");
+        if free == 0 && events == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "freelist {free}, events {events}"
+        );
+    }
+    let pages = count(&path, "SELECT page_count FROM pragma_page_count");
+    assert!(
+        pages * 10 < pages_full,
+        "{pages} pages left of {pages_full}"
+    );
+    // Done: further housekeeping writes nothing.
+    std::thread::sleep(Duration::from_millis(100));
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let version = |p: &Path| count(p, "SELECT COALESCE(MAX(id), 0) FROM mqtt_recent");
+    let before = (
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+        version(&path),
+    );
+    for _ in 0..5 {
+        h.tick();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let after = (
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+        version(&path),
+    );
+    h.stop();
+    assert_eq!(before, after, "an idle, vacuumed writer writes nothing");
+}
+
+#[test]
+fn a_wal_grown_behind_a_long_reader_is_truncated_once_the_reader_is_gone() {
+    let (_d, path) = db();
+    let mut s = settings(&[]);
+    s.max_bytes = 2 * 1024 * 1024; // WAL limit 256 KiB
+    let h = Harness::start(&path, s);
+    h.send(plain(obs("warm", 2000, 0)));
+    h.wait_events(1);
+    // A reader (a technician's query, a slow sink) keeps a snapshot open: checkpoints cannot
+    // reset the WAL, which grows with every commit.
+    let reader = Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    for i in 0..1500 {
+        h.send(plain(obs(&format!("d{}", i % 50), 1000 + i, i)));
+    }
+    h.wait_events(1501);
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(grown > 512 * 1024, "WAL only {grown} bytes");
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        h.tick();
+        std::thread::sleep(Duration::from_millis(20));
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        if size <= 256 * 1024 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WAL still {size} bytes (was {grown})"
+        );
+    }
+    h.stop();
+}
