@@ -23,9 +23,31 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// MQTT's largest packet: rumqttc must never drop the connection over size, or an oversized
-/// message would be redelivered forever; our own `max_payload_bytes` check acks and counts it.
-const PROTOCOL_MAX_PACKET: usize = 268_435_455;
+/// Room for everything of a PUBLISH but its payload: topic length (2), the longest topic
+/// MQTT allows (65535) and the packet id (2). A publish whose payload fits `max_payload_bytes`
+/// is therefore never refused by the client, whatever its topic.
+pub const TOPIC_ROOM_BYTES: usize = 2 + 65_535 + 2;
+
+/// The payload size the client always accepts, whatever `max_payload_bytes` says: Zigbee2MQTT's
+/// own retained messages (`<base>/bridge/devices`, tens of KiB per device) arrive on the
+/// subscribed `<base>/#` and are ignored, but must not break the connection.
+pub const MIN_CLIENT_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The largest packet the client reads (rumqttc's incoming limit): `max_payload_bytes` (at
+/// least [`MIN_CLIENT_PAYLOAD_BYTES`]) plus [`TOPIC_ROOM_BYTES`] (issue 11 item 19). rumqttc
+/// checks the length in the fixed header and drops the connection before reading a larger
+/// packet, so a huge publish costs nothing; between `max_payload_bytes` and this limit a
+/// payload is read, acked and counted as malformed. A packet over it would come back with every
+/// reconnect (the broker keeps it in the session), so the broker must refuse it first:
+/// `max_packet_size` in `systemd/mosquitto-hvac-edge.conf` is at most this limit.
+pub fn incoming_packet_limit(max_payload_bytes: usize) -> usize {
+    max_payload_bytes
+        .max(MIN_CLIENT_PAYLOAD_BYTES)
+        .saturating_add(TOPIC_ROOM_BYTES)
+}
+
+/// Largest packet this client sends (subscriptions, acks).
+const OUTGOING_PACKET_LIMIT: usize = 64 * 1024;
 
 /// rumqttc request channel capacity (acks and subscriptions).
 const ACK_CHANNEL_CAP: usize = 4096;
@@ -143,7 +165,10 @@ impl MqttSource {
         o.set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(c.keep_alive_secs))
-            .set_max_packet_size(PROTOCOL_MAX_PACKET, 64 * 1024);
+            .set_max_packet_size(
+                incoming_packet_limit(c.max_payload_bytes),
+                OUTGOING_PACKET_LIMIT,
+            );
         if let Some(user) = &c.username {
             let password = match (&c.password_file, &c.password_env) {
                 (Some(f), _) => crate::config::read_secret_file(f),
@@ -246,6 +271,17 @@ impl MqttSource {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if let rumqttc::ConnectionError::MqttState(
+                        rumqttc::StateError::Deserialization(
+                            rumqttc::Error::PayloadSizeLimitExceeded(n),
+                        ),
+                    ) = &e
+                    {
+                        // Not retried away: the broker redelivers it on every connection.
+                        tracing::error!(source = %name, packet_bytes = n,
+                            limit_bytes = incoming_packet_limit(self.cfg.max_payload_bytes),
+                            "The broker sent a packet over this source's limit (max_payload_bytes plus room for the topic) and the client refused it; the broker will send it again after the reconnect. Set max_packet_size in the broker (systemd/mosquitto-hvac-edge.conf) to at most the limit, or raise max_payload_bytes");
+                    }
                     if connected || !failing {
                         tracing::warn!(source = %name, host = %self.cfg.host, port = self.cfg.port, error = %e,
                             "Broker connection lost or refused; reconnecting with backoff (unacked messages stay with the broker)");
@@ -470,5 +506,35 @@ impl MqttSource {
                 q.push_back((pkid, qos));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_packet_limit_covers_max_payload_bytes_and_the_longest_topic() {
+        assert_eq!(incoming_packet_limit(1024), 1_048_576 + 65_539);
+        assert_eq!(incoming_packet_limit(65_536), 1_114_115);
+        assert_eq!(
+            incoming_packet_limit(16 * 1024 * 1024),
+            16 * 1024 * 1024 + 65_539
+        );
+    }
+
+    /// The broker must refuse what the client would refuse, or the message comes back after
+    /// every reconnect (issue 11 item 19).
+    #[test]
+    fn the_mosquitto_drop_in_sets_max_packet_size_within_the_client_limit() {
+        const DROP_IN: &str = include_str!("../../systemd/mosquitto-hvac-edge.conf");
+        let set: Vec<usize> = DROP_IN
+            .lines()
+            .filter_map(|l| l.strip_prefix("max_packet_size "))
+            .map(|v| v.trim().parse().expect("a number"))
+            .collect();
+        assert_eq!(set, [1_048_576]);
+        // Within the limit of the smallest accepted max_payload_bytes.
+        assert!(set[0] <= incoming_packet_limit(1024));
     }
 }

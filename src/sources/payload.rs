@@ -163,7 +163,8 @@ pub fn z2m_route(base_topic: &str, topic: &str) -> Route {
 /// numeric strings); [`PayloadError::OutOfRange`] for non-finite or implausible numbers;
 /// [`PayloadError::Unmapped`] when nothing canonical could be derived.
 pub fn z2m_state(payload: &[u8]) -> Result<Reported, PayloadError> {
-    let obj = parse_object(payload)?;
+    // Only the keys read below are kept; everything else is skipped without building a tree.
+    let obj = parse_known(payload, &Z2M_KEYS)?;
     // Every mapped key is read and type-checked before any rule runs, so that one bad key
     // rejects the whole message even when a rule would not have needed it.
     // §1.3: `local_temperature` and every setpoint property are in °C.
@@ -296,7 +297,7 @@ pub fn availability(payload: &[u8]) -> Result<Option<Connectivity>, PayloadError
         return Ok(None);
     }
     if text.starts_with(b"{") {
-        let obj = parse_object(text)?;
+        let obj = parse_known(text, &["state"])?;
         return match obj.get("state") {
             Some(Value::String(s)) => connectivity_word(s)
                 .map(Some)
@@ -873,10 +874,183 @@ fn parse_json(payload: &[u8]) -> Result<Value, PayloadError> {
     serde_json::from_slice(payload).map_err(|_| PayloadError::NotJson)
 }
 
-fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, PayloadError> {
-    match parse_json(payload)? {
-        Value::Object(obj) => Ok(obj),
-        _ => Err(PayloadError::NotObject),
+/// Every key [`z2m_state`] reads.
+const Z2M_KEYS: [&str; 13] = [
+    "local_temperature",
+    "humidity",
+    "occupied_heating_setpoint",
+    "current_heating_setpoint",
+    "occupied_cooling_setpoint",
+    "system_mode",
+    "running_state",
+    "control_sequence_of_operation",
+    "operating_mode",
+    "preset",
+    "boost_heating",
+    "frost_protection",
+    "pi_heating_demand",
+];
+
+/// Parses a JSON object keeping only `keys`, with a cost bounded by the payload's size and
+/// not by its shape (issue 11 item 19): other keys' values are skipped by the streaming parser
+/// ([`Skip`], no allocation), and a kept key whose value is an array or an
+/// object keeps only an empty one of that kind (the parsers need its type, never its
+/// contents). A full [`Value`] tree of a hostile 16 MiB array costs about 16 times its size.
+/// Same verdicts as parsing a whole [`Value`]: [`PayloadError::NotJson`] for broken or too deeply
+/// nested JSON or trailing bytes, [`PayloadError::NotObject`] for other JSON; a repeated key
+/// keeps its last value, as [`Value`] does.
+fn parse_known(payload: &[u8], keys: &[&str]) -> Result<Map<String, Value>, PayloadError> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Valid JSON that is not an object, or not JSON at all: tell them apart without a tree.
+        return match Skip.deserialize(&mut de).and_then(|()| de.end()) {
+            Ok(()) => Err(PayloadError::NotObject),
+            Err(_) => Err(PayloadError::NotJson),
+        };
+    }
+    let map = KnownKeys(keys)
+        .deserialize(&mut de)
+        .map_err(|_| PayloadError::NotJson)?;
+    de.end().map_err(|_| PayloadError::NotJson)?;
+    Ok(map)
+}
+
+/// Skips one JSON value without keeping anything. Unlike [`serde::de::IgnoredAny`] (which
+/// serde_json skips without a depth limit) it goes through `deserialize_any`, so serde_json's
+/// recursion limit of 128 levels applies as it does for [`Value`]: the same payloads are
+/// refused as too deep.
+struct Skip;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        while s.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        while m.next_key_seed(Skip)?.is_some() {
+            m.next_value_seed(Skip)?;
+        }
+        Ok(())
+    }
+}
+
+/// Seed of [`parse_known`]: a JSON object reduced to the listed keys.
+struct KnownKeys<'k>(&'k [&'k str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KnownKeys<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KnownKeys<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = m.next_key::<String>()? {
+            if self.0.contains(&key.as_str()) {
+                let v = m.next_value_seed(Shallow)?;
+                out.insert(key, v);
+            } else {
+                m.next_value_seed(Skip)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A JSON value kept whole when it is a scalar; an array or object is skipped and kept as an
+/// empty one (its type is all a parser needs to refuse it).
+struct Shallow;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Shallow {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Shallow {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, s: A) -> Result<Value, A::Error> {
+        serde::de::Visitor::visit_seq(Skip, s)?;
+        Ok(Value::Array(Vec::new()))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<Value, A::Error> {
+        serde::de::Visitor::visit_map(Skip, m)?;
+        Ok(Value::Object(Map::new()))
     }
 }
 
@@ -967,6 +1141,119 @@ mod tests {
 
     fn z2m(json: &str) -> Result<Reported, PayloadError> {
         z2m_state(json.as_bytes())
+    }
+
+    /// Counts the bytes allocated by the current thread, for cost tests.
+    mod alloc_count {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static NOW: Cell<usize> = const { Cell::new(0) };
+            static PEAK: Cell<usize> = const { Cell::new(0) };
+        }
+
+        pub struct Counting;
+
+        fn add(n: usize) {
+            let _ = NOW.try_with(|c| {
+                let v = c.get().saturating_add(n);
+                c.set(v);
+                let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+            });
+        }
+
+        fn sub(n: usize) {
+            let _ = NOW.try_with(|c| c.set(c.get().saturating_sub(n)));
+        }
+
+        // SAFETY: forwards to the system allocator unchanged; the counters are thread-local
+        // `Cell`s with const initialisers (no allocation, no destructor).
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+                // SAFETY: same contract as the caller's.
+                let p = unsafe { System.alloc(l) };
+                if !p.is_null() {
+                    add(l.size());
+                }
+                p
+            }
+            unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+                // SAFETY: same contract as the caller's.
+                unsafe { System.dealloc(p, l) };
+                sub(l.size());
+            }
+        }
+
+        /// Runs `f`; returns its result and the most bytes it held allocated at once.
+        pub fn peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
+            let base = NOW.with(Cell::get);
+            PEAK.with(|p| p.set(base));
+            let r = f();
+            let top = PEAK.with(Cell::get);
+            (r, top.saturating_sub(base))
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: alloc_count::Counting = alloc_count::Counting;
+
+    /// Issue 11 item 19: a 16 MiB Zigbee2MQTT payload (the largest `max_payload_bytes`) costs a
+    /// small multiple of its size whatever its shape. A full `Value` tree of the same payload
+    /// holds about 8 million 32-byte values (over 16 times its size).
+    #[test]
+    fn a_16_mib_z2m_payload_costs_a_small_multiple_of_its_size() {
+        const SIZE: usize = 16 * 1024 * 1024;
+        let filled = |head: &str, item: &str, tail: &str| {
+            let mut p = String::with_capacity(SIZE);
+            p.push_str(head);
+            let mut i = 0u64;
+            while p.len() + tail.len() + 32 < SIZE {
+                if item.contains('N') {
+                    p.push_str(&item.replace('N', &i.to_string()));
+                } else {
+                    p.push_str(item);
+                }
+                i += 1;
+            }
+            p.push_str(tail);
+            p
+        };
+        let expected = z2m(r#"{"local_temperature":21.5}"#);
+        assert!(expected.is_ok());
+        let cases = [
+            // A huge array under an unknown key.
+            (
+                filled(r#"{"local_temperature":21.5,"junk":[0"#, ",0", "]}"),
+                expected.clone(),
+            ),
+            // Millions of unknown keys.
+            (
+                filled(r#"{"local_temperature":21.5"#, r#","kN":{"a":[1]}"#, "}"),
+                expected.clone(),
+            ),
+            // A huge array under a key the parser reads: refused by its type.
+            (
+                filled(r#"{"local_temperature":[0"#, ",0", "]}"),
+                Err(PayloadError::WrongType {
+                    field: "local_temperature".into(),
+                    expected: "a number",
+                    got: "an array",
+                }),
+            ),
+            // Not an object at all.
+            (filled("[0", ",0", "]"), Err(PayloadError::NotObject)),
+        ];
+        for (payload, want) in cases {
+            assert!(payload.len() > SIZE - 64 && payload.len() <= SIZE);
+            let (got, peak) = alloc_count::peak(|| z2m_state(payload.as_bytes()));
+            assert_eq!(got, want, "{}", &payload[..40]);
+            assert!(
+                peak <= payload.len() / 4,
+                "{peak} bytes allocated at once for a {} byte payload",
+                payload.len()
+            );
+        }
     }
 
     // ---- protocols.md Part B §1.4 examples, verbatim

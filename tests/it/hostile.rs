@@ -429,3 +429,67 @@ async fn issue_11_secret_file_bare_name_is_a_systemd_credential() {
     assert!(err.contains("unknown field `password`"), "{err}");
     assert!(!err.contains("hunter2"), "the secret leaked: {err}");
 }
+
+/// Issue 11 item 19: the MQTT client reads at most max(max_payload_bytes, 1 MiB) plus room for
+/// the topic: a 4 KiB payload over `max_payload_bytes = 1024` is read, acked and counted as
+/// malformed; a 2 MiB publish (a broker without `max_packet_size`) is refused from its fixed
+/// header, before it is buffered, and never counted as received; the daemon keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_a_huge_publish_is_refused_by_the_mqtt_client() {
+    let sb = Sandbox::new("huge_publish");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .source_set("z2m", "max_payload_bytes", "1024")
+        .http_sink("upstream", &receiver);
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let base = tc.base_topic();
+    let stats = daemon.source("z2m");
+
+    let mut publisher = Publisher::connect(broker.port()).await;
+    let mid = format!(r#"{{"local_temperature":20,"x":"{}"}}"#, "a".repeat(4096));
+    publisher.publish(&format!("{base}/mid"), mid, false).await;
+    wait_until_async("the 4 KiB payload is counted", TIMEOUT, || {
+        get(&stats.malformed) == 1
+    })
+    .await;
+
+    let topic = format!("{base}/huge");
+    let file = sb.path().join("huge.json");
+    let payload = format!(
+        r#"{{"local_temperature":20,"x":"{}"}}"#,
+        "a".repeat(2 << 20)
+    );
+    std::fs::write(&file, &payload).expect("write the payload");
+    let st = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", &topic, "-f"])
+        .arg(&file)
+        .status()
+        .expect("run mosquitto_pub (apt-get install -y mosquitto-clients)");
+    assert!(st.success());
+    let remaining = 2 + topic.len() + 2 + payload.len();
+    let want = format!("payload size limit exceeded: {remaining}");
+    wait_until_async("the client refuses the huge packet", TIMEOUT, || {
+        stats
+            .snapshot("z2m", "mqtt")
+            .last_error
+            .is_some_and(|e| e.contains(&want))
+    })
+    .await;
+    assert_eq!(get(&stats.received), 1);
+    assert_eq!(get(&stats.malformed), 1);
+    assert_eq!(get(&stats.observations), 0);
+    daemon.stop().await.expect("clean stop");
+}
