@@ -86,6 +86,27 @@ pub async fn run(
     }
 }
 
+/// Device ids configured for a source, with that source's name: serial devices (OTGW, Modbus
+/// units) and MQTT allow-lists. Nobody else may report them.
+fn reserved_devices(cfg: &Config) -> std::collections::HashMap<String, String> {
+    let mut m = std::collections::HashMap::new();
+    for s in &cfg.sources.mqtt {
+        for d in &s.devices {
+            m.insert(d.clone(), s.name.clone());
+        }
+    }
+    for s in &cfg.sources.otgw {
+        m.insert(s.device.clone(), s.name.clone());
+    }
+    for s in &cfg.sources.modbus {
+        for u in &s.units {
+            m.insert(u.device.clone(), s.name.clone());
+        }
+    }
+    m.retain(|d, _| !d.is_empty());
+    m
+}
+
 /// In-process restarts after a database turned corrupt while running; beyond them the daemon
 /// exits (1) and systemd restarts it.
 const MAX_CORRUPT_RESTARTS: u32 = 3;
@@ -123,6 +144,8 @@ async fn run_once(
         max_devices: cfg.pipeline.max_devices,
         max_dead_letters: cfg.store.max_dead_letters,
         clock_source: cfg.gateway.clock,
+        reserved: reserved_devices(&cfg),
+        device_expiry: Duration::from_secs(cfg.pipeline.device_expiry_secs),
     };
     let clock = Arc::new(ClockSteps::default());
     // Opening, migrating and replaying can take seconds on a large file: off the async workers.

@@ -57,8 +57,14 @@ pub struct WriterSettings {
     pub max_events: u64,
     /// Most dead letters kept; the oldest beyond it are deleted (counted in `meta`).
     pub max_dead_letters: u64,
-    /// Most devices tracked; observations of further new devices are dropped (counted).
+    /// Most devices tracked per source (configured devices do not count); observations of
+    /// further new devices of that source are dropped (counted).
     pub max_devices: usize,
+    /// Device ids configured for a source (serial devices, MQTT allow-lists): only that source
+    /// may report them, from the first observation on.
+    pub reserved: HashMap<String, String>,
+    /// A device not seen for this long is forgotten in memory and frees its slot.
+    pub device_expiry: Duration,
     /// How the clock's `synced` state is known (`gateway.clock`).
     pub clock_source: ClockSource,
 }
@@ -76,6 +82,8 @@ pub struct WriterStats {
     pub evicted: AtomicU64,
     /// Events stored right now.
     pub stored: AtomicU64,
+    /// Devices forgotten after `device_expiry_secs` of silence.
+    pub devices_expired: AtomicU64,
     /// Longest single round of size-cap work (one statement or transaction), µs.
     pub cap_round_max_us: AtomicU64,
     /// Longest housekeeping run (snapshots, checkpoint, GC, cap, vacuum, WAL), µs.
@@ -93,6 +101,10 @@ const CAP_BUDGET: Duration = Duration::from_millis(50);
 const CAP_WINDOW: i64 = 4000;
 /// Most rows one cap round deletes.
 const CAP_CHUNK: i64 = 2000;
+/// Distinct refused device ids remembered per source (for the log line's count).
+const REFUSED_IDS_KEPT: usize = 10_000;
+/// How often devices are checked for expiry.
+const EXPIRY_EVERY: Duration = Duration::from_secs(60);
 /// Dead letters may take at most 1/this of `store.max_bytes`.
 const DEAD_LETTER_SHARE: u64 = 10;
 /// Free pages returned to the file system per housekeeping run (incremental vacuum).
@@ -133,6 +145,11 @@ pub struct Writer {
     dirty: HashSet<String>,
     /// Which source first reported each device since start (run-time conflict detection).
     owner: HashMap<String, String>,
+    /// Devices counted against their source's `max_devices`, per source.
+    source_devices: HashMap<String, HashSet<String>>,
+    /// Distinct ids refused per source by `max_devices` (bounded), for the log.
+    refused: HashMap<String, HashSet<String>>,
+    last_expiry: Instant,
     last_seen: HashMap<String, UnixMs>,
     recent: HashMap<String, RecentSet>,
     last_pos: i64,
@@ -318,6 +335,7 @@ impl Writer {
         }
         committed_tx.send_replace(last_pos);
         let wal_limit = wal_limit(s.max_bytes);
+        let owner = s.reserved.clone();
         // Checkpoint at SQLite's default 1000 pages, or sooner when the limit is smaller.
         let autocheckpoint = (wal_limit / 4096).clamp(1, 1000);
         conn.execute_batch(&format!(
@@ -330,7 +348,10 @@ impl Writer {
             s,
             cache,
             dirty,
-            owner: HashMap::new(),
+            owner,
+            source_devices: HashMap::new(),
+            refused: HashMap::new(),
+            last_expiry: Instant::now(),
             last_seen,
             recent,
             last_pos,
@@ -536,6 +557,7 @@ impl Writer {
         let mut seen: Vec<(String, UnixMs)> = Vec::new();
         let mut events_added = 0u64;
         let mut measures: Vec<(String, usize, i64)> = Vec::new();
+        let mut new_devices: Vec<(String, String)> = Vec::new();
         let mut dups = 0u64;
         let mut conflicts = 0u64;
         let mut rejected = 0u64;
@@ -564,24 +586,51 @@ impl Writer {
                     }
                     new_recent.entry(obs.source.clone()).or_default().push(key);
                 }
-                if !self.cache.contains_key(&obs.device)
-                    && !staged.contains_key(&obs.device)
-                    && self.cache.len() + staged.len() >= self.s.max_devices
-                {
-                    // Device ids come from topics and payloads: never let them grow without bound.
-                    rejected += 1;
-                    if let Some(suppressed) = self.conflict_log.check("max_devices") {
-                        tracing::warn!(device = %obs.device, source = %obs.source, max_devices = self.s.max_devices, suppressed,
-                            "Device limit reached; dropping observations of new devices (pipeline.max_devices)");
+                let reserved = self.s.reserved.get(&obs.device);
+                let is_new =
+                    !self.cache.contains_key(&obs.device) && !staged.contains_key(&obs.device);
+                if is_new && reserved.is_none() {
+                    // Device ids come from topics and payloads: never let them grow without
+                    // bound. The cap is per source; configured devices do not count.
+                    let used = self.source_devices.get(&obs.source).map_or(0, HashSet::len)
+                        + new_devices
+                            .iter()
+                            .filter(|(src, _)| *src == obs.source)
+                            .count();
+                    if used >= self.s.max_devices {
+                        rejected += 1;
+                        let ids = self.refused.entry(obs.source.clone()).or_default();
+                        if ids.len() < REFUSED_IDS_KEPT {
+                            ids.insert(obs.device.clone());
+                        }
+                        let n = ids.len();
+                        if let Some(suppressed) = self
+                            .conflict_log
+                            .check(&format!("max_devices:{}", obs.source))
+                        {
+                            tracing::error!(source = %obs.source, max_devices = self.s.max_devices,
+                                refused_ids = n, refused_ids_capped = n >= REFUSED_IDS_KEPT, suppressed,
+                                "Device limit of this source reached; dropping observations of new device ids (pipeline.max_devices)");
+                        }
+                        continue;
                     }
-                    continue;
+                    new_devices.push((obs.source.clone(), obs.device.clone()));
+                }
+                if is_new {
+                    // A device forgotten after device_expiry_secs comes back with its stored
+                    // state and seq (a seq never repeats).
+                    if let Some(rec) = stored_device(&tx, &obs.device) {
+                        staged.insert(obs.device.clone(), rec);
+                    }
                 }
                 match self.owner.get(&obs.device) {
                     Some(o) if *o != obs.source => {
                         conflicts += 1;
-                        if let Some(suppressed) = self.conflict_log.check(&obs.device) {
+                        if let Some(suppressed) =
+                            self.conflict_log.check(&format!("conflict:{}", obs.source))
+                        {
                             tracing::warn!(device = %obs.device, source = %obs.source, owner = %o, suppressed,
-                                "Device id reported by two sources; keeping the first, dropping this observation");
+                                "Device id belongs to another source (configured there, or reported there first); dropping this observation");
                         }
                         continue;
                     }
@@ -670,6 +719,12 @@ impl Writer {
         for (device, at) in seen {
             self.last_seen.insert(device, at);
         }
+        for (source, device) in new_devices {
+            self.source_devices
+                .entry(source)
+                .or_default()
+                .insert(device);
+        }
         for (device, k, p) in measures {
             let slot = self.latest_measure.entry(device).or_insert([0, 0]);
             if slot[k] != 0 {
@@ -698,6 +753,10 @@ impl Writer {
 
     /// Snapshots, checkpoint, GC, cap and vacuum; each step bounded.
     fn housekeeping(&mut self, now: UnixMs) -> Result<(), Error> {
+        if self.last_expiry.elapsed() >= EXPIRY_EVERY.min(self.s.device_expiry / 10) {
+            self.last_expiry = Instant::now();
+            self.expire_devices(now)?;
+        }
         if let Some(step) = self.clock.check(now, Instant::now(), self.last_pos) {
             tracing::warn!(
                 step_ms = step.delta_ms,
@@ -740,6 +799,56 @@ impl Writer {
                     [rows - RECENT_ROWS_KEEP],
                 )
                 .map_err(&c)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets devices not seen for `device_expiry` (their slot under `max_devices` is free
+    /// again; their row stays, so a device that comes back continues its seq), after a checkpoint
+    /// so that the stored rows are current. Rows of devices silent ten times as long are deleted.
+    fn expire_devices(&mut self, now: UnixMs) -> Result<(), Error> {
+        let expiry_ms = i64::try_from(self.s.device_expiry.as_millis()).unwrap_or(i64::MAX);
+        let limit = now.saturating_sub(expiry_ms);
+        let gone: Vec<String> = self
+            .last_seen
+            .iter()
+            .filter(|(d, at)| **at < limit && !self.s.reserved.contains_key(*d))
+            .map(|(d, _)| d.clone())
+            .collect();
+        if !gone.is_empty() {
+            self.checkpoint()?;
+            for d in &gone {
+                self.cache.remove(d);
+                self.last_seen.remove(d);
+                self.latest_measure.remove(d);
+                if let Some(src) = self.owner.remove(d)
+                    && let Some(set) = self.source_devices.get_mut(&src)
+                {
+                    set.remove(d);
+                }
+            }
+            self.stats
+                .devices_expired
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            tracing::info!(
+                devices = gone.len(),
+                expiry_secs = self.s.device_expiry.as_secs(),
+                "Forgot devices not seen for pipeline.device_expiry_secs (their slots are free)"
+            );
+        }
+        let c = ctx(&self.path);
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM devices WHERE last_seen < ?1",
+                [now.saturating_sub(expiry_ms.saturating_mul(10))],
+            )
+            .map_err(&c)?;
+        if n > 0 {
+            tracing::info!(
+                rows = n,
+                "Deleted the stored state of devices silent for ten expiry periods"
+            );
         }
         Ok(())
     }
@@ -1186,6 +1295,25 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// A device's stored record (`devices` row), if any and readable.
+fn stored_device(conn: &Connection, device: &str) -> Option<DeviceRecord> {
+    conn.query_row(
+        "SELECT state, seq, last_snapshot_at, changed_since_snapshot FROM devices WHERE device = ?1",
+        [device],
+        |r| {
+            Ok(DeviceRecord {
+                state: blob(r, 0)
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default(),
+                seq: int(r, 1).and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+                last_snapshot_at: int(r, 2).unwrap_or(0),
+                changed_since_snapshot: int(r, 3).unwrap_or(1) != 0,
+            })
+        },
+    )
+    .ok()
 }
 
 /// Index of a measurement kind in [`Writer::latest_measure`].

@@ -31,6 +31,8 @@ fn settings(sinks: &[&str]) -> WriterSettings {
         max_devices: 10_000,
         max_dead_letters: 100_000,
         clock_source: crate::config::ClockSource::Ntp,
+        reserved: Default::default(),
+        device_expiry: Duration::from_secs(30 * 24 * 3600),
     }
 }
 
@@ -124,6 +126,19 @@ impl Harness {
                 "timed out waiting for {n} events"
             );
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Ticks until `n` devices were forgotten by expiry.
+    fn wait_expired(&self, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.stats.devices_expired.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {n} expired devices"
+            );
+            self.tick();
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -599,8 +614,23 @@ fn the_byte_cap_evicts_superseded_measurements_and_keeps_each_devices_newest_eve
     }
     h.send(plain(obs("b", 2000, 900)));
     h.wait_events(801);
-    for _ in 0..30 {
+    // The cap works in bounded rounds per housekeeping run: tick until it is met.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
         h.tick();
+        std::thread::sleep(Duration::from_millis(20));
+        let c = Connection::open(&path).unwrap();
+        let used: i64 = c
+            .query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count) - (SELECT freelist_count FROM pragma_freelist_count)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if used * 4096 <= 256 * 1024 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {used} pages");
     }
     h.stop();
     let c = Connection::open(&path).unwrap();
@@ -877,4 +907,94 @@ fn a_wal_grown_behind_a_long_reader_is_truncated_once_the_reader_is_gone() {
         );
     }
     h.stop();
+}
+
+fn obs_from(source: &str, device: &str, setpoint: i64, at: i64) -> Observation {
+    Observation {
+        source: source.into(),
+        ..obs(device, setpoint, at)
+    }
+}
+
+#[test]
+fn reserved_devices_belong_to_their_source_and_the_device_cap_is_per_source() {
+    let (_d, path) = db();
+    let mut s = settings(&[]);
+    s.max_devices = 2;
+    s.reserved = [("otgw".to_string(), "serial".to_string())].into();
+    let h = Harness::start(&path, s);
+    // A LAN publisher claims the OTGW's id first (e.g. a retained message after a restart).
+    h.send(plain(obs_from("mqtt", "otgw", 3000, 0)));
+    h.send(plain(obs_from("mqtt", "x1", 2000, 1)));
+    h.send(plain(obs_from("mqtt", "x2", 2000, 2)));
+    h.send(plain(obs_from("mqtt", "x3", 2000, 3))); // over mqtt's cap
+    h.send(plain(obs_from("other", "y1", 2000, 4))); // its own cap
+    h.send(plain(obs_from("serial", "otgw", 2100, 5))); // configured: never counted
+    h.send(plain(obs_from("serial", "otgw", 2200, 6)));
+    h.wait_events(5);
+    let rejected = h.stats.devices_rejected.load(Ordering::SeqCst);
+    let conflicts = h.stats.conflicts.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!((rejected, conflicts), (1, 1));
+    let got: Vec<(String, u64, String)> = events(&path)
+        .into_iter()
+        .map(|e| {
+            (
+                e.device,
+                e.seq,
+                e.state
+                    .setpoint
+                    .map(|t| t.value.to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64, String)> = [
+        ("x1", 1, "20.0"),
+        ("x2", 1, "20.0"),
+        ("y1", 1, "20.0"),
+        ("otgw", 1, "21.0"),
+        ("otgw", 2, "22.0"),
+    ]
+    .iter()
+    .map(|(d, q, v)| (d.to_string(), *q, v.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_device_silent_past_its_expiry_frees_its_slot_and_keeps_its_seq_when_it_returns() {
+    let (_d, path) = db();
+    let mut s = settings(&["slow"]);
+    s.max_devices = 1;
+    s.device_expiry = Duration::from_secs(10);
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "slow", "http", StartFrom::Oldest, 0).unwrap();
+    }
+    let h = Harness::start(&path, s);
+    // Observation times are a minute old: past the expiry at once.
+    h.send(plain(obs("a", 2000, 0)));
+    h.wait_events(1);
+    h.wait_expired(1);
+    h.send(plain(obs("b", 2000, 1))); // a's slot is free again
+    h.wait_events(2);
+    h.wait_expired(2);
+    h.send(plain(obs("a", 2100, 2))); // back, with its stored state and seq
+    h.wait_events(3);
+    let rejected = h.stats.devices_rejected.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(rejected, 0);
+    let got: Vec<(String, u64, String)> = events(&path)
+        .into_iter()
+        .map(|e| (e.device, e.seq, e.kind))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a".into(), 1, "snapshot".into()),
+            ("b".into(), 1, "snapshot".into()),
+            ("a".into(), 2, "setpoint".into())
+        ]
+    );
 }

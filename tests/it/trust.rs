@@ -407,3 +407,86 @@ async fn a_corrupt_database_is_quarantined_at_start_and_the_daemon_serves_on_a_f
     assert!(q[0].as_str().unwrap().ends_with(&moved[0]), "{q:?}");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bogus_ids_and_a_squatted_configured_id_leave_real_devices_working() {
+    let sb = Sandbox::new("id_flood");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    let base = tc.base_topic();
+    let trusted_base = format!("{base}-b");
+    tc.set("pipeline", "max_devices", "100")
+        .z2m_source("z2m", broker.port())
+        .z2m_source("trusted", broker.port())
+        .source_set("trusted", "base_topic", &toml_str(&trusted_base))
+        .source_set("trusted", "devices", "[\"boiler\"]")
+        .http_sink("upstream", &receiver)
+        .sink_set("upstream", "batch_max_events", "500");
+    let mut p = Publisher::connect(broker.port()).await;
+    // Before the daemon starts, a LAN publisher squats the configured id (retained).
+    p.publish(&format!("{base}/boiler"), trv_state(5.0), true)
+        .await;
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    broker
+        .wait_subscribed(&tc.client_id("trusted"), 1, TIMEOUT)
+        .await;
+    p.publish(&format!("{base}/living"), trv_state(20.0), false)
+        .await;
+    receiver
+        .wait_event("living's snapshot", TIMEOUT, |e| e.device == "living")
+        .await;
+    for i in 0..10_001 {
+        p.publish(&format!("{base}/bogus-{i:05}"), trv_state(20.0), false)
+            .await;
+    }
+    p.publish(&format!("{base}/living"), trv_state(21.0), false)
+        .await;
+    p.publish(&format!("{trusted_base}/boiler"), trv_state(19.0), false)
+        .await;
+    let unique = receiver
+        .wait_event("living's change after the flood", TIMEOUT, |e| {
+            e.device == "living" && e.seq == 2
+        })
+        .await;
+    let unique = if unique.iter().any(|e| e.device == "boiler") {
+        unique
+    } else {
+        receiver
+            .wait_event("the boiler from its own source", TIMEOUT, |e| {
+                e.device == "boiler"
+            })
+            .await
+    };
+    let bogus = unique
+        .iter()
+        .filter(|e| e.device.starts_with("bogus-"))
+        .count();
+    assert_eq!(bogus, 99, "the source's cap (living is one of its 100)");
+    let boiler: Vec<(u64, Option<String>)> = unique
+        .iter()
+        .filter(|e| e.device == "boiler")
+        .map(|e| (e.seq, e.state.setpoint.map(|t| t.value.to_string())))
+        .collect();
+    assert_eq!(
+        boiler,
+        vec![(1, Some("19.0".to_string()))],
+        "never the squatter's 5.0"
+    );
+    let living: Vec<(u64, String)> = unique
+        .iter()
+        .filter(|e| e.device == "living")
+        .map(|e| (e.seq, e.kind.clone()))
+        .collect();
+    assert_eq!(
+        living,
+        vec![(1, "snapshot".to_string()), (2, "setpoint".to_string())]
+    );
+    assert_eq!(get(&daemon.writer().devices_rejected), 10_001 - 99);
+    assert!(get(&daemon.writer().conflicts) >= 1);
+    p.clear_retained(&format!("{base}/boiler")).await;
+    daemon.stop().await.unwrap();
+}
