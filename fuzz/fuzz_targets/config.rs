@@ -1,0 +1,6 @@
+//! Fuzz target `config`: see `common::config` for the input format and what is checked.
+#![no_main]
+
+mod common;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| common::config(data));
