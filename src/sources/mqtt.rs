@@ -18,7 +18,7 @@ use crate::telemetry::RateLimit;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -221,6 +221,9 @@ impl MqttSource {
         // Observations handed to the writer whose ack has not run yet.
         let in_flight = Arc::new(AtomicUsize::new(0));
         let overflow: Overflow = Arc::default();
+        // Broker session generation: an ack made in one session is never sent in another (its
+        // packet id would name a different message there).
+        let session = Arc::new(AtomicU64::new(0));
         loop {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
@@ -240,6 +243,32 @@ impl MqttSource {
                         tracing::info!(source = %name, host = %self.cfg.host, port = self.cfg.port, session_present = ack.session_present, "Connected to broker");
                     }
                     failing = false;
+                    if !ack.session_present {
+                        // The broker has no session for us (first start, or it lost it): acks
+                        // still pending belong to packet ids of the old session, and so do the
+                        // duplicate-filter receipts. Drop both.
+                        session.fetch_add(1, Ordering::AcqRel);
+                        let dropped = {
+                            let mut q = match overflow.lock() {
+                                Ok(q) => q,
+                                Err(p) => p.into_inner(),
+                            };
+                            let n = q.len();
+                            q.clear();
+                            n
+                        };
+                        if dropped > 0 {
+                            tracing::warn!(source = %name, dropped,
+                                "Broker session lost: pending acks of the old session dropped (the broker no longer has those messages)");
+                        }
+                        if obs_tx
+                            .send(WriterMsg::SessionLost(name.clone()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
                     // Subscribe on every connection, session or not: QoS 1 subscriptions are
                     // idempotent, and topics added to the config since the session was made
                     // are picked up (filters since removed stay in the session; what arrives
@@ -251,7 +280,7 @@ impl MqttSource {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Some(env) = self.handle(&client, p, &in_flight, &overflow) {
+                    if let Some(env) = self.handle(&client, p, &in_flight, &overflow, &session) {
                         // The only await besides poll(): backpressure from the writer.
                         if obs_tx.send(WriterMsg::Observe(env)).await.is_err() {
                             break;
@@ -366,9 +395,10 @@ impl MqttSource {
         p: Publish,
         in_flight: &Arc<AtomicUsize>,
         overflow: &Overflow,
+        session: &Arc<AtomicU64>,
     ) -> Option<Envelope> {
         SourceStats::inc(&self.stats.received);
-        let ack = self.ack_for(client, &p, in_flight, overflow);
+        let ack = self.ack_for(client, &p, in_flight, overflow, session);
         let topic = p.topic.as_str();
         // Route on the topic once, before anything else: a large message on a topic we ignore
         // (e.g. a retained `bridge/devices`) is not malformed, just not ours.
@@ -489,14 +519,22 @@ impl MqttSource {
         p: &Publish,
         in_flight: &Arc<AtomicUsize>,
         overflow: &Overflow,
+        session: &Arc<AtomicU64>,
     ) -> Ack {
         let (pkid, qos) = (p.pkid, p.qos);
         let client = client.clone();
         let overflow = overflow.clone();
         in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = in_flight.clone();
+        let made_in = session.load(Ordering::Acquire);
+        let session = session.clone();
         Ack::new(move || {
             in_flight.fetch_sub(1, Ordering::AcqRel);
+            if session.load(Ordering::Acquire) != made_in {
+                // The session this packet id belongs to is gone: acking would acknowledge
+                // whatever message of the new session has that id.
+                return;
+            }
             let mut q = match overflow.lock() {
                 Ok(q) => q,
                 Err(poisoned) => poisoned.into_inner(),

@@ -20,6 +20,12 @@
 //!   valid data, counters, Modbus units), written by the writer at most every few seconds and
 //!   only when it changed; read by `hvac-edge sources`. Status only: never needed for delivery.
 
+//!
+//! Added in v3:
+//! - `mqtt_recent.pos`: the commit position a receipt row belongs to (the last `pos` committed
+//!   when it was written, or the `pos` of the event it was carried from by garbage collection or
+//!   eviction), so that receipts are loaded, trimmed and kept in commit order: the newest survive.
+
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -88,5 +94,10 @@ CREATE TABLE source_status (
     status TEXT NOT NULL,
     updated_at INTEGER NOT NULL
 );
+"#,
+    // v3: receipts ordered by commit position.
+    r#"
+ALTER TABLE mqtt_recent ADD COLUMN pos INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX mqtt_recent_by_pos ON mqtt_recent (pos);
 "#,
 ];

@@ -36,6 +36,9 @@ pub enum WriterMsg {
     Tick,
     /// The sources' status, to store for `hvac-edge sources` (sent only when it changed).
     Status(Vec<crate::sources::SourceStatus>),
+    /// An MQTT source connected without its session (the broker lost it): its receipts describe
+    /// packet ids of the old session and must not match messages of the new one.
+    SessionLost(String),
 }
 
 /// Settings of the writer, resolved from the config.
@@ -299,26 +302,33 @@ impl Writer {
         let mut recent: HashMap<String, RecentSet> = HashMap::new();
         // Only the recent window matters (a redelivery concerns the last commits): a range scan on
         // `pos`, not the whole backlog, keeps start-up fast after a long outage.
-        let mut blobs: Vec<Vec<u8>> = Vec::new();
+        // Receipts of both kinds of row, in commit order, so that the newest survive the
+        // per-source bound; a source whose broker session was lost has its older ones cleared.
+        let mut blobs: Vec<(i64, Vec<u8>)> = Vec::new();
         {
             let mut st = conn
-                .prepare("SELECT receipts FROM mqtt_recent ORDER BY id")
+                .prepare("SELECT pos, receipts FROM mqtt_recent")
                 .map_err(&c)?;
             let mut rows = st.query([]).map_err(&c)?;
             while let Some(r) = rows.next().map_err(&c)? {
-                blobs.extend(blob(r, 0));
+                if let Some(b) = blob(r, 1) {
+                    blobs.push((int(r, 0).unwrap_or(0), b));
+                }
             }
             let mut st = conn
-                .prepare("SELECT receipts FROM events WHERE pos > ?1 AND receipts IS NOT NULL ORDER BY pos")
+                .prepare("SELECT pos, receipts FROM events WHERE pos > ?1 AND receipts IS NOT NULL")
                 .map_err(&c)?;
             let mut rows = st
                 .query([last_pos.saturating_sub(RECEIPT_EVENTS_KEEP)])
                 .map_err(&c)?;
             while let Some(r) = rows.next().map_err(&c)? {
-                blobs.extend(blob(r, 0));
+                if let Some(b) = blob(r, 1) {
+                    blobs.push((int(r, 0).unwrap_or(0), b));
+                }
             }
         }
-        for blob in &blobs {
+        blobs.sort_by_key(|(pos, _)| *pos);
+        for (_, blob) in &blobs {
             for (source, entries) in decode_receipts(blob) {
                 let set = recent.entry(source).or_default();
                 for k in entries {
@@ -407,10 +417,16 @@ impl Writer {
                 break;
             };
             let mut tick = false;
+            let mut lost: Vec<String> = Vec::new();
             match first {
                 WriterMsg::Tick => tick = true,
                 WriterMsg::Observe(e) => batch.push(e),
                 WriterMsg::Status(st) => self.pending_status = Some(st),
+                WriterMsg::SessionLost(src) => {
+                    // Nothing of the new session is in this batch yet: clear at once.
+                    self.session_lost(&src);
+                    continue;
+                }
             }
             let deadline = Instant::now() + self.s.commit_delay;
             while batch.len() < self.s.batch_max {
@@ -418,6 +434,11 @@ impl Writer {
                     Ok(WriterMsg::Observe(e)) => batch.push(e),
                     Ok(WriterMsg::Tick) => tick = true,
                     Ok(WriterMsg::Status(st)) => self.pending_status = Some(st),
+                    Ok(WriterMsg::SessionLost(src)) => {
+                        // Commit what came before it first: those messages belong to the old session.
+                        lost.push(src);
+                        break;
+                    }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -430,6 +451,10 @@ impl Writer {
                             Ok(Some(WriterMsg::Observe(e))) => batch.push(e),
                             Ok(Some(WriterMsg::Tick)) => tick = true,
                             Ok(Some(WriterMsg::Status(st))) => self.pending_status = Some(st),
+                            Ok(Some(WriterMsg::SessionLost(src))) => {
+                                lost.push(src);
+                                break;
+                            }
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -437,6 +462,9 @@ impl Writer {
             }
             if !batch.is_empty() {
                 self.commit_with_retry(&mut batch, || rx.is_closed())?;
+            }
+            for src in lost.drain(..) {
+                self.session_lost(&src);
             }
             // Also by elapsed time: under load the ticker's `try_send` can keep failing (freed
             // channel slots go to the sources waiting on it), and the cap, GC and snapshots
@@ -471,6 +499,61 @@ impl Writer {
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         tracing::info!(last_pos = self.last_pos, "Writer flushed and stopped");
         Ok(())
+    }
+
+    /// Forgets the receipts of `source` (its broker session is gone), in memory and in the file
+    /// (rare: the recent receipt rows are rewritten without that source's entries), so that no
+    /// packet id of the old session can match a message of the new one, even after a restart.
+    fn session_lost(&mut self, source: &str) {
+        let had = self.recent.remove(source).map_or(0, |s| s.order.len());
+        let from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
+        let res = (|| -> rusqlite::Result<usize> {
+            let tx = self.conn.transaction()?;
+            let mut changed = 0;
+            for (table, key, filter) in [
+                ("mqtt_recent", "id", "1 = 1 OR ?1 = 0"),
+                ("events", "pos", "pos > ?1 AND receipts IS NOT NULL"),
+            ] {
+                let rows: Vec<(i64, Vec<u8>)> = {
+                    let mut st = tx.prepare(&format!(
+                        "SELECT {key}, receipts FROM {table} WHERE {filter}"
+                    ))?;
+                    let mut q = st.query([from])?;
+                    let mut out = Vec::new();
+                    while let Some(r) = q.next()? {
+                        if let (Some(k), Some(b)) = (int(r, 0), blob(r, 1)) {
+                            out.push((k, b));
+                        }
+                    }
+                    out
+                };
+                let mut up = tx.prepare(&format!(
+                    "UPDATE {table} SET receipts = ?2 WHERE {key} = ?1"
+                ))?;
+                for (k, b) in rows {
+                    let decoded = decode_receipts(&b);
+                    if !decoded.iter().any(|(s, _)| s == source) {
+                        continue;
+                    }
+                    let kept: HashMap<String, Vec<(u16, u64)>> =
+                        decoded.into_iter().filter(|(s, _)| s != source).collect();
+                    up.execute(params![k, encode_receipts(&kept)])?;
+                    changed += 1;
+                }
+            }
+            tx.commit()?;
+            Ok(changed)
+        })();
+        match res {
+            Ok(rows) => tracing::info!(
+                source,
+                receipts_cleared = had,
+                rows_rewritten = rows,
+                "Broker session not present: duplicate-filter receipts of the old session cleared"
+            ),
+            Err(e) => tracing::warn!(source, error = %e,
+                "Cannot clear the old session's stored receipts; they are cleared in memory only"),
+        }
     }
 
     /// Stores the sources' status (one upsert per source, one transaction). A failure is logged
@@ -703,8 +786,8 @@ impl Writer {
                 .map_err(&c)?;
             } else {
                 tx.execute(
-                    "INSERT INTO mqtt_recent (receipts) VALUES (?1)",
-                    params![blob],
+                    "INSERT INTO mqtt_recent (receipts, pos) VALUES (?1, ?2)",
+                    params![blob, pos],
                 )
                 .map_err(&c)?;
             }
@@ -788,15 +871,14 @@ impl Writer {
         let c = ctx(&path);
         let rows: i64 = self
             .conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM mqtt_recent", [], |r| {
-                r.get(0)
-            })
+            .query_row("SELECT COUNT(*) FROM mqtt_recent", [], |r| r.get(0))
             .map_err(&c)?;
         if rows > 2 * RECENT_ROWS_KEEP {
+            // Keep the newest by commit position (carried rows arrive late with older ones).
             self.conn
                 .execute(
-                    "DELETE FROM mqtt_recent WHERE id <= ?1",
-                    [rows - RECENT_ROWS_KEEP],
+                    "DELETE FROM mqtt_recent WHERE id IN (SELECT id FROM mqtt_recent ORDER BY pos DESC, id DESC LIMIT -1 OFFSET ?1)",
+                    [RECENT_ROWS_KEEP],
                 )
                 .map_err(&c)?;
         }
@@ -970,24 +1052,27 @@ impl Writer {
             return Ok(());
         }
         // Receipts riding on events about to go are still needed if those messages are
-        // redelivered: keep the recent ones in `mqtt_recent`.
-        self.conn
-            .execute(
-                "INSERT INTO mqtt_recent (receipts)
-                 SELECT receipts FROM events
-                 WHERE pos IN (SELECT pos FROM events WHERE pos <= ?1 ORDER BY pos LIMIT ?2)
-                   AND receipts IS NOT NULL AND pos > ?3
-                 ORDER BY pos",
-                params![bound, GC_CHUNK, self.last_pos - RECEIPT_EVENTS_KEEP],
-            )
-            .map_err(&c)?;
-        let n = self
-            .conn
+        // redelivered: keep the recent ones in `mqtt_recent`, with their position.
+        let tx = self.conn.transaction().map_err(&c)?;
+        tx.execute(
+            "INSERT INTO mqtt_recent (receipts, pos)
+             SELECT receipts, pos FROM events
+             WHERE pos IN (SELECT pos FROM events WHERE pos <= ?1 ORDER BY pos LIMIT ?2)
+               AND receipts IS NOT NULL AND pos > ?3",
+            params![
+                bound,
+                GC_CHUNK,
+                self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP)
+            ],
+        )
+        .map_err(&c)?;
+        let n = tx
             .execute(
                 "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos <= ?1 ORDER BY pos LIMIT ?2)",
                 params![bound, GC_CHUNK],
             )
             .map_err(&c)?;
+        tx.commit().map_err(&c)?;
         self.stats.stored.fetch_sub(
             (n as u64).min(self.stats.stored.load(Ordering::Relaxed)),
             Ordering::Relaxed,
@@ -1199,12 +1284,19 @@ impl Writer {
             };
             if n > 0 {
                 self.cap_pass_found = true;
+                let keep_from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
                 let tx = self.conn.transaction().map_err(&c)?;
                 {
+                    let mut carry = tx
+                        .prepare_cached(
+                            "INSERT INTO mqtt_recent (receipts, pos) SELECT receipts, pos FROM events WHERE pos = ?1 AND receipts IS NOT NULL AND pos > ?2",
+                        )
+                        .map_err(&c)?;
                     let mut del = tx
                         .prepare_cached("DELETE FROM events WHERE pos = ?1")
                         .map_err(&c)?;
                     for p in &superseded {
+                        carry.execute(params![p, keep_from]).map_err(&c)?;
                         del.execute([p]).map_err(&c)?;
                     }
                 }
@@ -1249,13 +1341,26 @@ impl Writer {
         // What is left to evict is real data loss for some receiver: checkpoint first so the
         // device cache no longer needs these events, then drop the oldest (never the newest).
         self.checkpoint()?;
-        let oldest = self
-            .conn
+        let tx = self.conn.transaction().map_err(&c)?;
+        tx.execute(
+            "INSERT INTO mqtt_recent (receipts, pos)
+             SELECT receipts, pos FROM events
+             WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)
+               AND receipts IS NOT NULL AND pos > ?3",
+            params![
+                self.last_pos,
+                need,
+                self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP)
+            ],
+        )
+        .map_err(&c)?;
+        let oldest = tx
             .execute(
                 "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)",
                 params![self.last_pos, need],
             )
             .map_err(&c)? as i64;
+        tx.commit().map_err(&c)?;
         self.count_evicted(0, oldest)?;
         Ok(oldest > 0)
     }

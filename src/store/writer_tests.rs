@@ -998,3 +998,91 @@ fn a_device_silent_past_its_expiry_frees_its_slot_and_keeps_its_seq_when_it_retu
         ]
     );
 }
+
+fn with_receipt(o: Observation, pkid: u16, digest: u64, dup: bool) -> Envelope {
+    Envelope {
+        obs: o,
+        ack: None,
+        receipt: Some(MqttReceipt { pkid, digest, dup }),
+    }
+}
+
+/// M1 changes nothing (its receipt goes to `mqtt_recent`), M2 changes the setpoint (its receipt
+/// rides on the event row), after more receipts than the per-source filter keeps. After a crash
+/// the broker redelivers both: both must be recognised, whichever table holds them.
+#[test]
+fn receipts_are_loaded_in_commit_order_so_the_newest_survive_a_restart() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(with_receipt(obs("a", 2000, 0), 1, 1, false));
+    for i in 0..4200u16 {
+        // Other devices' changes: one event and one receipt each.
+        h.send(with_receipt(
+            obs(&format!("o{}", i % 100), 1000 + i64::from(i), 1),
+            2 + i,
+            10_000 + u64::from(i),
+            false,
+        ));
+    }
+    h.send(with_receipt(obs("a", 2000, 2), 5000, 77, false)); // M1: unchanged, no event
+    h.send(with_receipt(obs("a", 2100, 3), 5001, 78, false)); // M2: setpoint 21.0
+    h.wait_events(1 + 4200 + 1);
+    h.stop();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(with_receipt(obs("a", 2000, 4), 5000, 77, true));
+    h.send(with_receipt(obs("a", 2100, 5), 5001, 78, true));
+    h.send(with_receipt(obs("a", 2200, 6), 5002, 79, false));
+    h.wait_events(1);
+    let dups = h.stats.duplicates_dropped.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(dups, 2, "M1 and M2 recognised");
+    let a: Vec<(u64, String)> = events(&path)
+        .into_iter()
+        .filter(|e| e.device == "a")
+        .map(|e| (e.seq, e.current["value"].to_string()))
+        .collect();
+    // No stale step back to 20.0 from M1.
+    assert_eq!(
+        a,
+        vec![
+            (1, "null".into()),
+            (2, "\"21.0\"".into()),
+            (3, "\"22.0\"".into())
+        ]
+    );
+}
+
+#[test]
+fn a_lost_broker_session_voids_its_receipts_in_memory_and_in_the_file() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    h.send(with_receipt(obs("a", 2000, 0), 5, 55, false));
+    h.send(with_receipt(obs("a", 2000, 1), 6, 66, false)); // no event: mqtt_recent
+    h.wait_events(1);
+    h.tx.as_ref()
+        .unwrap()
+        .blocking_send(WriterMsg::SessionLost("src".into()))
+        .unwrap();
+    // In the new session packet id 5 names another message; redelivered (DUP) with the same
+    // bytes as the old one, it must still be diffed: 20.0 again after a change to 21.0.
+    h.send(with_receipt(obs("a", 2100, 2), 9, 99, false));
+    h.send(with_receipt(obs("a", 2000, 3), 5, 55, true));
+    h.wait_events(3);
+    let dups = h.stats.duplicates_dropped.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(dups, 0);
+    // After a restart the old session's receipts stay void; the new session's are kept.
+    let h = Harness::start(&path, settings(&[]));
+    h.send(with_receipt(obs("a", 2100, 4), 6, 66, true)); // old session's id: diffed
+    h.send(with_receipt(obs("a", 2000, 5), 5, 55, true)); // new session's: a duplicate
+    h.wait_events(1);
+    std::thread::sleep(Duration::from_millis(100));
+    let dups = h.stats.duplicates_dropped.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(dups, 1);
+    let a: Vec<String> = events(&path)
+        .into_iter()
+        .map(|e| e.current["value"].to_string())
+        .collect();
+    assert_eq!(a, vec!["null", "\"21.0\"", "\"20.0\"", "\"21.0\""]);
+}
