@@ -60,6 +60,9 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> anyhow::Result<()> {
+    for w in cfg.warnings() {
+        tracing::warn!(key = %w.key, "Configuration: {}", w.problem);
+    }
     let mut ready = ready;
     let mut restarts = 0u32;
     loop {

@@ -78,7 +78,27 @@ impl HttpTransport {
         }
         let api_version = reqwest::header::HeaderValue::from_str(&cfg.api_version)
             .map_err(|_| bad("api_version is not a valid header value".into()))?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        let host = url
+            .host_str()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            // A receiver on this gateway is reached directly: never through an HTTP(S)_PROXY set
+            // in the environment (it would see, or drop, every event), and `localhost` is pinned
+            // to the loopback address (no resolver or hosts file can send it elsewhere).
+            builder = builder.no_proxy();
+            if host.eq_ignore_ascii_case("localhost") {
+                let port = url.port_or_known_default().unwrap_or(80);
+                builder = builder.resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
+        let client = builder
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.request_timeout_ms.min(10_000)))

@@ -490,3 +490,40 @@ async fn a_flood_of_bogus_ids_and_a_squatted_configured_id_leave_real_devices_wo
     p.clear_retained(&format!("{base}/boiler")).await;
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_sink_ignores_proxy_variables_and_pins_localhost() {
+    let sb = Sandbox::new("loopback_proxy");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .http_sink("upstream", &receiver)
+        .sink_set(
+            "upstream",
+            "url",
+            &toml_str(&format!("http://localhost:{}/ingest", receiver.port())),
+        );
+    let config = tc.write("hvac-edge.toml");
+    // A proxy nobody listens on: a sink that used it would never deliver.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let envs = [
+        ("HTTP_PROXY", dead.as_str()),
+        ("http_proxy", dead.as_str()),
+        ("ALL_PROXY", dead.as_str()),
+        ("all_proxy", dead.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ];
+    let mut daemon = DaemonProcess::spawn(&config, sb.path(), &envs);
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(&format!("{}/trv", tc.base_topic()), trv_state(21.0), false)
+        .await;
+    let events = receiver.wait_unique_events(1, TIMEOUT).await;
+    assert_eq!((events[0].device.as_str(), events[0].seq), ("trv", 1));
+    daemon.sigterm();
+    assert!(daemon.wait_timeout_async(TIMEOUT).await.is_some());
+}

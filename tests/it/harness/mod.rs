@@ -47,7 +47,7 @@ pub mod wait;
 pub use config::{Sandbox, TestConfig, toml_str};
 pub use daemon::{Daemon, DaemonProcess, get};
 pub use db::Db;
-pub use mosquitto::{Mosquitto, MosquittoOptions, Publisher};
+pub use mosquitto::{Mosquitto, MosquittoOptions, Publisher, free_port};
 pub use receiver::{
     Batch, Receiver, Reply, Request, check_duplicates_identical, check_seq_continues,
     check_seq_gap_free, dedup_by_id, of_device,
