@@ -281,6 +281,22 @@ pub struct MqttSourceConfig {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Connect with TLS (rustls). Default false, or true when `ca_file` is set; `tls = false`
+    /// with `ca_file` is refused. Credentials to a non-loopback host need TLS.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// PEM file of the CA certificate(s) that sign the broker's certificate; implies TLS.
+    /// Default none: with `tls = true`, the platform's CA certificates.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain, leaf first) presented to the broker; needs `key_file`
+    /// and TLS. Default none.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`, checked like a secret file (mode 0600/0400, owner, at
+    /// most 64 KiB). Default none.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Payload preset of an MQTT source.
@@ -768,6 +784,7 @@ impl Config {
             if let Some(e) = &s.password_env {
                 check_secret_env(p, &format!("{k}.password_env"), e);
             }
+            check_mqtt_tls(p, &k, s);
             if !(1024..=16 * 1024 * 1024).contains(&s.max_payload_bytes) {
                 p.add(
                     format!("{k}.max_payload_bytes"),
@@ -1120,6 +1137,33 @@ impl Config {
 }
 
 impl MqttSourceConfig {
+    /// Whether the source connects with TLS: `tls`, else whether `ca_file` is set.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.unwrap_or(self.ca_file.is_some())
+    }
+
+    /// The TLS client configuration of the source, or `None` without TLS; reads the files.
+    ///
+    /// # Errors
+    /// Every problem with the TLS files, each naming its key (`ca_file`, `cert_file`,
+    /// `key_file`, `tls`).
+    pub fn tls_client_config(
+        &self,
+    ) -> Result<Option<rustls::ClientConfig>, Vec<crate::tls::FileError>> {
+        if !self.tls_enabled() {
+            return Ok(None);
+        }
+        let client_cert = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        crate::tls::client_config(crate::tls::ClientFiles {
+            ca_file: self.ca_file.as_deref(),
+            client_cert,
+        })
+        .map(Some)
+    }
+
     /// The client id in effect.
     pub fn effective_client_id(&self) -> String {
         self.client_id
@@ -1186,6 +1230,45 @@ pub(crate) fn check_device_id(p: &mut Problems, key: &str, id: &str) {
     }
 }
 
+/// The TLS rules of an MQTT source (issue 11 item 20): credentials never travel in clear to
+/// another host, a client certificate comes as a pair and only with TLS, and the TLS files load.
+fn check_mqtt_tls(p: &mut Problems, k: &str, s: &MqttSourceConfig) {
+    const NEED_TLS: &str = "(set ca_file or tls = true)";
+    let tls = s.tls_enabled();
+    if s.tls == Some(false) && s.ca_file.is_some() {
+        p.add(
+            format!("{k}.tls"),
+            "is false but ca_file is set; remove ca_file or set tls = true",
+        );
+    }
+    if s.username.is_some() && !tls && !is_loopback_host(&s.host) {
+        p.add(
+            format!("{k}.username"),
+            format!("credentials to a non-loopback broker need TLS {NEED_TLS}"),
+        );
+    }
+    match (&s.cert_file, &s.key_file) {
+        (Some(_), None) => p.add(
+            format!("{k}.key_file"),
+            "cert_file is set but not key_file; a client certificate needs both",
+        ),
+        (None, Some(_)) => p.add(
+            format!("{k}.cert_file"),
+            "key_file is set but not cert_file; a client certificate needs both",
+        ),
+        (Some(_), Some(_)) if !tls => p.add(
+            format!("{k}.cert_file"),
+            format!("a client certificate needs TLS {NEED_TLS}"),
+        ),
+        _ => {}
+    }
+    if let Err(errors) = s.tls_client_config() {
+        for e in errors {
+            p.add(format!("{k}.{}", e.key), e.problem);
+        }
+    }
+}
+
 fn valid_filter(t: &str) -> bool {
     if t.is_empty() || t.len() > 65535 {
         return false;
@@ -1237,6 +1320,22 @@ pub fn resolve_secret_path(path: &Path) -> Result<PathBuf, String> {
 /// # Errors
 /// A message naming the file and what is wrong (never the secret).
 pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let (path, buf) = read_private_file(path, MAX_SECRET_FILE_BYTES)?;
+    let shown = path.display();
+    let s = String::from_utf8(buf).map_err(|_| format!("{shown} is not UTF-8 text"))?;
+    let s = s.trim().to_string();
+    if s.is_empty() {
+        return Err(format!("{shown} is empty"));
+    }
+    Ok(s)
+}
+
+/// Reads a file that must be private (a secret, a TLS private key) with the checks of
+/// [`read_secret_file`], at most `max_bytes`; returns the resolved path and the bytes.
+///
+/// # Errors
+/// A message naming the file and what is wrong (never its content).
+pub fn read_private_file(path: &Path, max_bytes: u64) -> Result<(PathBuf, Vec<u8>), String> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = resolve_secret_path(path)?;
@@ -1269,28 +1368,20 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
             meta.uid()
         ));
     }
-    let too_big = || {
-        format!(
-            "{shown} is larger than {MAX_SECRET_FILE_BYTES} bytes; it must hold only the secret"
-        )
-    };
-    if meta.len() > MAX_SECRET_FILE_BYTES {
+    let too_big =
+        || format!("{shown} is larger than {max_bytes} bytes; it must hold only the secret");
+    if meta.len() > max_bytes {
         return Err(too_big());
     }
     // One byte more than allowed, so that a file that grew since fstat is noticed.
     let mut buf = Vec::new();
-    file.take(MAX_SECRET_FILE_BYTES + 1)
+    file.take(max_bytes + 1)
         .read_to_end(&mut buf)
         .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if buf.len() as u64 > MAX_SECRET_FILE_BYTES {
+    if buf.len() as u64 > max_bytes {
         return Err(too_big());
     }
-    let s = String::from_utf8(buf).map_err(|_| format!("{shown} is not UTF-8 text"))?;
-    let s = s.trim().to_string();
-    if s.is_empty() {
-        return Err(format!("{shown} is empty"));
-    }
-    Ok(s)
+    Ok((path, buf))
 }
 
 /// Replaces the userinfo of every URL in `text` (`https://user:pass@host` → `https://***@host`),

@@ -118,6 +118,23 @@ fn toml_path(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
+/// Test PKI for the MQTT TLS keys (EC P-256, valid until 2126, made with the openssl command
+/// line): a CA, a client certificate it signed with that certificate's key, and an unrelated key.
+const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBhzCCAS6gAwIBAgIUWCNpi/rXGkD/ZBbae6xB2mkOVE0wCgYIKoZIzj0EAwIw\nITEfMB0GA1UEAwwWaHZhYy1lZGdlLXVuaXQtdGVzdC1jYTAgFw0yNjEyMDMxNTU1\nMjZaGA8yMTI2MTEwOTE1NTUyNlowITEfMB0GA1UEAwwWaHZhYy1lZGdlLXVuaXQt\ndGVzdC1jYTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABLaWnNRoqjZT2NMbikFZ\nb3eosbjo4fiVk3MLunuXrw5f7hIT4Ar0enyqkJAXScN9j15Vmiuojr6X5bEc7RTk\nuiijQjBAMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMB0GA1UdDgQW\nBBS2OQvDX0VOSK8rIEssLBEZu5sZHDAKBggqhkjOPQQDAgNHADBEAiBnudIzcFxW\nqmHM/y80h0mpmM5QvtT/AduQqQFtwVFu8wIgU5VCOW5YuaGqx/Yq5OAx7j9OahRX\n3Xzphed1YyBdNSU=\n-----END CERTIFICATE-----\n";
+const TEST_CLIENT_CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBrDCCAVKgAwIBAgIBAjAKBggqhkjOPQQDAjAhMR8wHQYDVQQDDBZodmFjLWVk\nZ2UtdW5pdC10ZXN0LWNhMCAXDTI2MTIwMzE1NTUyNloYDzIxMjYxMTA5MTU1NTI2\nWjAlMSMwIQYDVQQDDBpodmFjLWVkZ2UtdW5pdC10ZXN0LWNsaWVudDBZMBMGByqG\nSM49AgEGCCqGSM49AwEHA0IABDqauOkBofpB7+RP88UrxKz6SnfuCPFCvkDlzd2/\nCi2z2UXcxtKTwL9rctpFbS1manIj6W2mLh3ODxIeRu5jAoCjdTBzMAwGA1UdEwEB\n/wQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMCMB0GA1Ud\nDgQWBBQEeSlasO9quhhirEx6Qa0PgZ6V3jAfBgNVHSMEGDAWgBS2OQvDX0VOSK8r\nIEssLBEZu5sZHDAKBggqhkjOPQQDAgNIADBFAiEA1iRhWPTkCePEK5b5azpAN4AD\nuWaMoR6hGAhf4G8YHEECIDmRw6MU6XWlqpcNwywNFdA7SaCDsYXuq+BpHUY7aIic\n-----END CERTIFICATE-----\n";
+const TEST_CLIENT_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQggKMv68i4KRc4y6uY\n2lu+BzoTCTujCToJsuloZvF7wh2hRANCAAQ6mrjpAaH6Qe/kT/PFK8Ss+kp37gjx\nQr5A5c3dvwots9lF3MbSk8C/a3LaRW0tZmpyI+ltpi4dzg8SHkbuYwKA\n-----END PRIVATE KEY-----\n";
+const TEST_OTHER_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg7+oJf/87DL6+2Q0b\n1jf+i7cAvWyFqR6V/3/JkhD9Li2hRANCAATgOR45mE5o8Tv/7+GDBBLzPjf/KuUP\nWASQGnzXV2HXw//cnHYu1Nv+DnrRh5o6aR1xW7ea/AWJm1PWyGfQi5JE\n-----END PRIVATE KEY-----\n";
+
+/// The test CA, client certificate (public, mode 0644) and client key (mode 0600) in `dir`:
+/// (ca, cert, key).
+fn tls_files(dir: &tempfile::TempDir) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        secret_file(dir, "ca.pem", TEST_CA_PEM, 0o644),
+        secret_file(dir, "client.crt", TEST_CLIENT_CERT_PEM, 0o644),
+        secret_file(dir, "client.key", TEST_CLIENT_KEY_PEM, 0o600),
+    )
+}
+
 // ---------------------------------------------------------------------- defaults
 
 #[test]
@@ -629,6 +646,299 @@ fn mqtt_password_env_must_be_set() {
             "sources.mqtt[0].password_env",
             &format!("environment variable {UNSET_VAR} is unset or empty"),
         )],
+    );
+}
+
+/// Issue 11 item 20: a username (and its password) to a broker on another host would cross the
+/// LAN in clear; the loopback needs no TLS.
+#[test]
+fn mqtt_credentials_to_a_non_loopback_broker_need_tls() {
+    let refused = (
+        "sources.mqtt[0].username",
+        "credentials to a non-loopback broker need TLS (set ca_file or tls = true)",
+    );
+    for host in ["192.168.1.20", "broker.lan", "[fd00::1]"] {
+        assert_problems(
+            &mqtt(&format!("host = \"{host}\"\nusername = \"u\"\n")),
+            &[refused],
+        );
+        assert_problems(
+            &mqtt(&format!(
+                "host = \"{host}\"\nusername = \"u\"\npassword_env = \"{SET_VAR}\"\ntls = false\n"
+            )),
+            &[refused],
+        );
+        // Without credentials there is nothing to protect (the data itself is the LAN's).
+        assert_valid(&mqtt(&format!("host = \"{host}\"\n")));
+    }
+    for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"] {
+        assert_valid(&mqtt(&format!(
+            "host = \"{host}\"\nusername = \"u\"\npassword_env = \"{SET_VAR}\"\n"
+        )));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = tls_files(&dir);
+    assert_valid(&mqtt(&format!(
+        "host = \"broker.lan\"\nusername = \"u\"\npassword_env = \"{SET_VAR}\"\nca_file = {}\n",
+        toml_path(&ca)
+    )));
+    let c = parse(
+        &format!(
+            "{GATEWAY}{}",
+            mqtt(&format!(
+                "host = \"broker.lan\"\nca_file = {}\n",
+                toml_path(&ca)
+            ))
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert!(c.sources.mqtt[0].tls_enabled(), "ca_file implies TLS");
+    assert!(matches!(c.sources.mqtt[0].tls_client_config(), Ok(Some(_))));
+    let plain = parse(&format!("{GATEWAY}{}", mqtt("")), Path::new("t.toml")).unwrap();
+    assert!(
+        !plain.sources.mqtt[0].tls_enabled(),
+        "TLS is off by default"
+    );
+    assert!(matches!(
+        plain.sources.mqtt[0].tls_client_config(),
+        Ok(None)
+    ));
+}
+
+/// `tls = true` without ca_file trusts the platform's CA certificates (this machine has
+/// ca-certificates installed, as every gateway image does).
+#[test]
+fn mqtt_tls_without_ca_file_trusts_the_platform_roots() {
+    assert_valid(&mqtt(
+        "host = \"broker.example.com\"\nusername = \"u\"\ntls = true\n",
+    ));
+}
+
+#[test]
+fn mqtt_tls_false_with_ca_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = tls_files(&dir);
+    assert_problems(
+        &mqtt(&format!("tls = false\nca_file = {}\n", toml_path(&ca))),
+        &[(
+            "sources.mqtt[0].tls",
+            "is false but ca_file is set; remove ca_file or set tls = true",
+        )],
+    );
+    assert_valid(&mqtt(&format!(
+        "tls = true\nca_file = {}\n",
+        toml_path(&ca)
+    )));
+}
+
+/// A CA file is loaded when the config is checked: missing, not a file, not PEM, or PEM with no
+/// certificate are each a problem naming `ca_file` and the path, never a panic.
+#[test]
+fn mqtt_ca_file_must_hold_pem_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent.pem");
+    let text = secret_file(&dir, "notes.txt", "this is not a certificate\n", 0o644);
+    let key_only = secret_file(&dir, "key.pem", TEST_CLIENT_KEY_PEM, 0o644);
+    let truncated = secret_file(
+        &dir,
+        "truncated.pem",
+        &TEST_CA_PEM[..TEST_CA_PEM.len() - 30],
+        0o644,
+    );
+    let bad_der = secret_file(
+        &dir,
+        "bad-der.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        0o644,
+    );
+    let cases: Vec<(&Path, String)> = vec![
+        (
+            &absent,
+            format!(
+                "cannot read {}: No such file or directory (os error 2)",
+                absent.display()
+            ),
+        ),
+        (
+            dir.path(),
+            format!("{} is not a regular file", dir.path().display()),
+        ),
+        (
+            &text,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                text.display()
+            ),
+        ),
+        (
+            &key_only,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                key_only.display()
+            ),
+        ),
+        (
+            &truncated,
+            format!(
+                "{} is not valid PEM: a PEM section has no END line",
+                truncated.display()
+            ),
+        ),
+        (
+            &bad_der,
+            format!(
+                "certificate 1 in {} is not a usable CA certificate: BadEncoding",
+                bad_der.display()
+            ),
+        ),
+    ];
+    for (path, want) in cases {
+        assert_problems(
+            &mqtt(&format!("ca_file = {}\n", toml_path(path))),
+            &[("sources.mqtt[0].ca_file", &want)],
+        );
+    }
+}
+
+#[test]
+fn mqtt_client_certificate_needs_both_files_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(&dir);
+    let ca_line = format!("ca_file = {}\n", toml_path(&ca));
+    let cert_line = format!("cert_file = {}\n", toml_path(&cert));
+    let key_line = format!("key_file = {}\n", toml_path(&key));
+    assert_problems(
+        &mqtt(&format!("{ca_line}{cert_line}")),
+        &[(
+            "sources.mqtt[0].key_file",
+            "cert_file is set but not key_file; a client certificate needs both",
+        )],
+    );
+    assert_problems(
+        &mqtt(&format!("{ca_line}{key_line}")),
+        &[(
+            "sources.mqtt[0].cert_file",
+            "key_file is set but not cert_file; a client certificate needs both",
+        )],
+    );
+    assert_problems(
+        &mqtt(&format!("{cert_line}{key_line}")),
+        &[(
+            "sources.mqtt[0].cert_file",
+            "a client certificate needs TLS (set ca_file or tls = true)",
+        )],
+    );
+    assert_valid(&mqtt(&format!("{ca_line}{cert_line}{key_line}")));
+    assert_valid(&mqtt(&format!("tls = true\n{cert_line}{key_line}")));
+}
+
+/// The client key is a secret: checked like password_file on the open descriptor, never
+/// quoted in an error; it must be a private key, and the certificate's.
+#[test]
+fn mqtt_key_file_is_a_secret_that_must_belong_to_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, _) = tls_files(&dir);
+    let open_key = secret_file(&dir, "open.key", TEST_CLIENT_KEY_PEM, 0o640);
+    let other_key = secret_file(&dir, "other.key", TEST_OTHER_KEY_PEM, 0o600);
+    let cert_as_key = secret_file(&dir, "cert-as-key.pem", TEST_CLIENT_CERT_PEM, 0o600);
+    let broken = secret_file(
+        &dir,
+        "broken.key",
+        "-----BEGIN PRIVATE KEY-----\nnot base64 at all: s3cret!\n-----END PRIVATE KEY-----\n",
+        0o600,
+    );
+    let big = secret_file(&dir, "big.key", &"A".repeat(65_537), 0o600);
+    let cases: Vec<(&Path, String)> = vec![
+        (
+            &open_key,
+            format!(
+                "{} is accessible by group or others (mode 640); run chmod 600 {}",
+                open_key.display(),
+                open_key.display()
+            ),
+        ),
+        (
+            &other_key,
+            format!(
+                "{} is not the key of the certificate in {}",
+                other_key.display(),
+                cert.display()
+            ),
+        ),
+        (
+            &cert_as_key,
+            format!(
+                "{} holds no PEM private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or \
+                 EC PRIVATE KEY)",
+                cert_as_key.display()
+            ),
+        ),
+        (
+            &broken,
+            format!(
+                "{} is not valid PEM: a PEM section is not valid base64",
+                broken.display()
+            ),
+        ),
+        (
+            &big,
+            format!(
+                "{} is larger than 65536 bytes; it must hold only the secret",
+                big.display()
+            ),
+        ),
+    ];
+    for (key, want) in cases {
+        let body = mqtt(&format!(
+            "ca_file = {}\ncert_file = {}\nkey_file = {}\n",
+            toml_path(&ca),
+            toml_path(&cert),
+            toml_path(key)
+        ));
+        assert_problems(&body, &[("sources.mqtt[0].key_file", &want)]);
+        let err = parse(&format!("{GATEWAY}{body}"), Path::new("t.toml"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            !err.contains("s3cret") && !err.contains("MIGHAgEA"),
+            "{err}"
+        );
+    }
+    // Every TLS problem of a source is reported at once.
+    let absent = dir.path().join("absent.crt");
+    assert_problems(
+        &mqtt(&format!(
+            "ca_file = {}\ncert_file = {}\nkey_file = {}\n",
+            toml_path(&absent),
+            toml_path(&absent),
+            toml_path(&open_key)
+        )),
+        &[
+            (
+                "sources.mqtt[0].ca_file",
+                &format!(
+                    "cannot read {}: No such file or directory (os error 2)",
+                    absent.display()
+                ),
+            ),
+            (
+                "sources.mqtt[0].cert_file",
+                &format!(
+                    "cannot read {}: No such file or directory (os error 2)",
+                    absent.display()
+                ),
+            ),
+            (
+                "sources.mqtt[0].key_file",
+                &format!(
+                    "{} is accessible by group or others (mode 640); run chmod 600 {}",
+                    open_key.display(),
+                    open_key.display()
+                ),
+            ),
+        ],
     );
 }
 
@@ -1739,6 +2049,9 @@ fn reference_with_optional_lines(dir: &tempfile::TempDir) -> String {
     secret_file(dir, "mqtt-password", "s3cret\n", 0o600);
     secret_file(dir, "upstream-api-key", "k3y\n", 0o600);
     secret_file(dir, "upstream-whsec", WHSEC, 0o600);
+    secret_file(dir, "mqtt-ca.pem", TEST_CA_PEM, 0o644);
+    secret_file(dir, "gw-0042.crt", TEST_CLIENT_CERT_PEM, 0o644);
+    secret_file(dir, "gw-0042.key", TEST_CLIENT_KEY_PEM, 0o600);
     let is_key_line = |rest: &str| {
         rest.split_once(" = ").is_some_and(|(k, _)| {
             !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
@@ -1759,6 +2072,7 @@ fn reference_with_optional_lines(dir: &tempfile::TempDir) -> String {
             "/etc/hvac-edge/secrets/",
             &format!("{}/", dir.path().display()),
         )
+        .replace("/etc/hvac-edge/tls/", &format!("{}/", dir.path().display()))
 }
 
 #[test]
@@ -1820,6 +2134,20 @@ fn the_reference_config_is_valid_with_its_optional_lines_uncommented() {
     assert_eq!(
         c.sources.mqtt[0].password_file.as_deref(),
         Some(dir.path().join("mqtt-password").as_path())
+    );
+    let z2m = &c.sources.mqtt[0];
+    assert_eq!(z2m.tls, Some(true));
+    assert_eq!(
+        z2m.ca_file.as_deref(),
+        Some(dir.path().join("mqtt-ca.pem").as_path())
+    );
+    assert_eq!(
+        z2m.cert_file.as_deref(),
+        Some(dir.path().join("gw-0042.crt").as_path())
+    );
+    assert_eq!(
+        z2m.key_file.as_deref(),
+        Some(dir.path().join("gw-0042.key").as_path())
     );
     assert_eq!(c.sources.simulator.len(), 1);
     let h = &c.sinks.http[0];

@@ -115,14 +115,28 @@ pub struct MqttSource {
     allow: HashSet<String>,
     stats: SharedStats,
     bad_log: RateLimit,
+    /// The rustls client configuration, built once at construction (`None`: plain TCP).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl MqttSource {
-    /// Builds the source from its config (compiles the mapping, resolves the password).
+    /// Builds the source from its config (compiles the mapping, loads the TLS files; the
+    /// password is read when the source starts).
     ///
     /// # Errors
-    /// A config problem naming the source.
+    /// A config problem naming the source and the key.
     pub fn new(cfg: MqttSourceConfig, stats: SharedStats) -> Result<MqttSource, Error> {
+        let tls = cfg
+            .tls_client_config()
+            .map_err(|errs| Error::Config {
+                name: cfg.name.clone(),
+                problem: errs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            })?
+            .map(Arc::new);
         let router = match cfg.preset {
             MqttPreset::Zigbee2mqtt => Router::Z2m {
                 base: cfg.base_topic.clone(),
@@ -156,6 +170,7 @@ impl MqttSource {
             cfg,
             stats,
             bad_log: RateLimit::new(Duration::from_secs(60)),
+            tls,
         })
     }
 
@@ -169,6 +184,12 @@ impl MqttSource {
                 incoming_packet_limit(c.max_payload_bytes),
                 OUTGOING_PACKET_LIMIT,
             );
+        if let Some(tls) = &self.tls {
+            // rumqttc verifies the broker's certificate against `host` (a DNS name or an IP).
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::clone(tls)),
+            ));
+        }
         if let Some(user) = &c.username {
             let password = match (&c.password_file, &c.password_env) {
                 (Some(f), _) => crate::config::read_secret_file(f),

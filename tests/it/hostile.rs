@@ -493,3 +493,206 @@ async fn issue_11_a_huge_publish_is_refused_by_the_mqtt_client() {
     assert_eq!(get(&stats.observations), 0);
     daemon.stop().await.expect("clean stop");
 }
+
+#[path = "tls_broker.rs"]
+mod tls_broker;
+use tls_broker::{Pki, TlsBroker};
+
+/// The first event of device `trv` with a 21.5 °C reading: (device, seq, type, temperature).
+fn first_trv_event(events: &[hvac_edge::model::Event]) -> (&str, u64, &str, Value) {
+    let e = &events[0];
+    let state = serde_json::to_value(&e.state).expect("state as JSON");
+    (
+        e.device.as_str(),
+        e.seq,
+        e.kind.as_str(),
+        state["temperature"]["value"].clone(),
+    )
+}
+
+/// Issue 11 item 20: an MQTT source with `ca_file` connects to the broker's TLS listener (the
+/// broker's certificate, for 127.0.0.1, is signed by that CA), logs in with its username over
+/// TLS, and a publish made on the broker's plain listener becomes an event at the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_mqtt_source_over_tls_delivers_events() {
+    let sb = Sandbox::new("mqtt_tls");
+    let pki = Pki::create(&sb);
+    let broker = TlsBroker::start(&pki, false);
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.tls_port())
+        .source_set("z2m", "ca_file", &toml_str(&pki.ca.display().to_string()))
+        .source_set("z2m", "username", &toml_str("hvac-tls"))
+        .http_sink("upstream", &receiver);
+    let daemon = Daemon::start(tc.build()).await;
+    let client = tc.client_id("z2m");
+    broker.wait_subscribed(&client, 1, TIMEOUT).await;
+    assert_eq!(
+        broker.count_lines_containing(&format!("as {client} (p2, c0, k30, u'hvac-tls')")),
+        1,
+        "{}",
+        broker.log()
+    );
+    let mut publisher = Publisher::connect(broker.plain_port()).await;
+    publisher
+        .publish(
+            &format!("{}/trv", tc.base_topic()),
+            r#"{"local_temperature":21.5}"#,
+            false,
+        )
+        .await;
+    let events = receiver.wait_unique_events(1, TIMEOUT).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        first_trv_event(&events),
+        ("trv", 1, "snapshot", Value::from("21.5"))
+    );
+    let stats = daemon.source("z2m").snapshot("z2m", "mqtt");
+    assert_eq!(
+        (stats.link, stats.last_error),
+        (hvac_edge::sources::Link::Connected, None)
+    );
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Issue 11 item 20: with `ca_file` naming a CA that did not sign the broker's certificate,
+/// the handshake is refused: the source shows the certificate error (in-process and in
+/// `hvac-edge sources --json`), never completes an MQTT connection and delivers nothing, while
+/// it keeps retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_mqtt_source_refuses_a_broker_certificate_from_another_ca() {
+    let sb = Sandbox::new("mqtt_tls_wrong_ca");
+    let pki = Pki::create(&sb);
+    let broker = TlsBroker::start(&pki, false);
+    let receiver = Receiver::start([]).await;
+    // A retained state the source would receive as soon as it subscribed.
+    let mut tc = TestConfig::new(&sb);
+    let mut publisher = Publisher::connect(broker.plain_port()).await;
+    publisher
+        .publish(
+            &format!("{}/trv", tc.base_topic()),
+            r#"{"local_temperature":21.5}"#,
+            true,
+        )
+        .await;
+    tc.z2m_source("z2m", broker.tls_port())
+        .source_set(
+            "z2m",
+            "ca_file",
+            &toml_str(&pki.other_ca.display().to_string()),
+        )
+        .http_sink("upstream", &receiver);
+    let refused = "OpenSSL Error[0]: error:0A000418:SSL routines::tlsv1 alert unknown ca";
+    let daemon = Daemon::start(tc.build()).await;
+    let stats = daemon.source("z2m");
+    let want = "TLS: I/O: invalid peer certificate: UnknownIssuer";
+    wait_until_async("the source shows the certificate error", TIMEOUT, || {
+        stats.snapshot("z2m", "mqtt").last_error.as_deref() == Some(want)
+    })
+    .await;
+    // Two refused handshakes: the source retries, and is refused again.
+    wait_until_async("a second refused handshake", TIMEOUT, || {
+        broker.count_lines_containing(refused) >= 2
+    })
+    .await;
+    let snap = stats.snapshot("z2m", "mqtt");
+    assert_eq!(snap.link, hvac_edge::sources::Link::Disconnected);
+    assert_eq!(
+        (
+            get(&stats.connects),
+            get(&stats.received),
+            get(&stats.observations)
+        ),
+        (0, 0, 0)
+    );
+    let client = tc.client_id("z2m");
+    assert_eq!(
+        broker.count_lines_containing(&format!("Sending CONNACK to {client}")),
+        0,
+        "{}",
+        broker.log()
+    );
+    assert_eq!(daemon.committed(), 0);
+    assert_eq!(receiver.request_count(), 0);
+
+    let db = tc.db_path().display().to_string();
+    let json = wait_for_async(
+        "`hvac-edge sources --json` shows the TLS error",
+        TIMEOUT,
+        || {
+            let (code, out, _) = cli(&["sources", "--db", &db, "--json"]);
+            let v: Value = serde_json::from_str(&out).ok()?;
+            let z = v.as_array()?.iter().find(|s| s["name"] == "z2m")?.clone();
+            (code == 0 && z["last_error"] == want).then_some(z)
+        },
+    )
+    .await;
+    assert_eq!(json["link"], "disconnected");
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Issue 11 item 20: a broker that requires a client certificate (`require_certificate true`)
+/// accepts the source that presents `cert_file`/`key_file` (signed by the broker's CA), whose
+/// publish is delivered, and refuses the source without one, which shows why and receives
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_mqtt_source_presents_its_client_certificate() {
+    let sb = Sandbox::new("mqtt_tls_client_cert");
+    let pki = Pki::create(&sb);
+    let broker = TlsBroker::start(&pki, true);
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    let ca = toml_str(&pki.ca.display().to_string());
+    tc.z2m_source("cert", broker.tls_port())
+        .source_set("cert", "ca_file", &ca)
+        .source_set(
+            "cert",
+            "cert_file",
+            &toml_str(&pki.client_cert.display().to_string()),
+        )
+        .source_set(
+            "cert",
+            "key_file",
+            &toml_str(&pki.client_key.display().to_string()),
+        )
+        .z2m_source("nocert", broker.tls_port())
+        .source_set("nocert", "ca_file", &ca)
+        .http_sink("upstream", &receiver);
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("cert"), 1, TIMEOUT)
+        .await;
+    let nocert = daemon.source("nocert");
+    // TLS 1.3: the broker checks the client's (absent) certificate after the client finished
+    // its side of the handshake, so its alert arrives where the client reads the CONNACK.
+    let want = "Mqtt state: Mqtt serialization/deserialization error: IO: received fatal alert: CertificateRequired";
+    wait_until_async(
+        "the source without a certificate is refused",
+        TIMEOUT,
+        || nocert.snapshot("nocert", "mqtt").last_error.as_deref() == Some(want),
+    )
+    .await;
+
+    let mut publisher = Publisher::connect(broker.plain_port()).await;
+    publisher
+        .publish(
+            &format!("{}/trv", tc.base_topic()),
+            r#"{"local_temperature":21.5}"#,
+            false,
+        )
+        .await;
+    let events = receiver.wait_unique_events(1, TIMEOUT).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        first_trv_event(&events),
+        ("trv", 1, "snapshot", Value::from("21.5"))
+    );
+    let cert = daemon.source("cert");
+    assert_eq!((get(&cert.connects), get(&cert.observations)), (1, 1));
+    assert_eq!((get(&nocert.connects), get(&nocert.received)), (0, 0));
+    assert_eq!(
+        broker.count_lines_containing(&format!("Sending CONNACK to {}", tc.client_id("nocert"))),
+        0
+    );
+    daemon.stop().await.expect("clean stop");
+}
