@@ -34,7 +34,8 @@ pub struct Step {
 
 #[derive(Debug)]
 struct Inner {
-    anchor: Option<(i64, Instant)>,
+    /// Wall time, monotonic time and last committed `pos` of the previous check.
+    anchor: Option<(i64, Instant, i64)>,
     steps: Vec<Step>,
 }
 
@@ -56,6 +57,23 @@ impl Default for ClockSteps {
     }
 }
 
+/// Appends `s`, merging a step at the same position and keeping at most [`MAX_STEPS`]: the two
+/// oldest merge into one at the later boundary whose re-basing errs young (it takes the later
+/// step plus the earlier one only if that was forward).
+fn push_step(steps: &mut Vec<Step>, s: Step) {
+    match steps.last_mut() {
+        Some(last) if last.before_pos == s.before_pos => {
+            last.delta_ms = last.delta_ms.saturating_add(s.delta_ms);
+        }
+        _ => steps.push(s),
+    }
+    if steps.len() > MAX_STEPS {
+        let a = steps.remove(0);
+        let b = &mut steps[0];
+        b.delta_ms = b.delta_ms.saturating_add(a.delta_ms.max(0));
+    }
+}
+
 impl ClockSteps {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         match self.inner.lock() {
@@ -68,37 +86,33 @@ impl ClockSteps {
     /// and returns a step larger than [`STEP_THRESHOLD_MS`], applying to events up to `last_pos`.
     pub fn check(&self, wall_ms: i64, mono: Instant, last_pos: i64) -> Option<Step> {
         let mut g = self.lock();
-        let step = g.anchor.and_then(|(w0, m0)| {
+        let step = g.anchor.and_then(|(w0, m0, p0)| {
             let mono_ms =
                 i64::try_from(mono.saturating_duration_since(m0).as_millis()).unwrap_or(i64::MAX);
             let delta = wall_ms.saturating_sub(w0.saturating_add(mono_ms));
+            // Events committed between the previous check and this one may carry either clock.
+            // Count them on the side that makes them look younger: a forward step re-bases them
+            // (they are at most the step younger), a backward one leaves them (their stamps are
+            // ahead). Ages err young, never old: nothing expires early.
+            let before_pos = if delta > 0 { last_pos } else { p0 };
             (delta.unsigned_abs() > STEP_THRESHOLD_MS.unsigned_abs()).then_some(Step {
-                before_pos: last_pos,
+                before_pos,
                 delta_ms: delta,
             })
         });
-        g.anchor = Some((wall_ms, mono));
+        g.anchor = Some((wall_ms, mono, last_pos));
         if let Some(s) = step {
-            match g.steps.last_mut() {
-                Some(last) if last.before_pos == s.before_pos => {
-                    last.delta_ms = last.delta_ms.saturating_add(s.delta_ms);
-                }
-                _ => g.steps.push(s),
-            }
-            if g.steps.len() > MAX_STEPS {
-                // Merge the two oldest: the merged step covers the later boundary's events with the
-                // smaller total re-basing of the two.
-                let a = g.steps.remove(0);
-                let b = &mut g.steps[0];
-                let sum = a.delta_ms.saturating_add(b.delta_ms);
-                b.delta_ms = if sum.unsigned_abs() < b.delta_ms.unsigned_abs() {
-                    sum
-                } else {
-                    b.delta_ms
-                };
-            }
+            push_step(&mut g.steps, s);
         }
         step
+    }
+
+    /// Adds steps recorded earlier (e.g. by a previous run, from the database), oldest first.
+    pub fn restore(&self, steps: &[Step]) {
+        let mut g = self.lock();
+        for s in steps {
+            push_step(&mut g.steps, *s);
+        }
     }
 
     /// Steps recorded so far, oldest first.
@@ -166,13 +180,25 @@ mod tests {
         let c = ClockSteps::default();
         let t0 = Instant::now();
         let w = 1_800_000_000_000;
-        c.check(w, t0, 0);
-        let s1 = c.check(w + 1_000 - DAY, t0 + Duration::from_secs(1), 4);
-        assert_eq!(s1.map(|s| s.delta_ms), Some(-DAY));
+        // Events 1-4 were committed before this check; a backward step re-bases only those
+        // (the events between two checks keep their stamps, which are ahead: they look younger).
+        c.check(w, t0, 4);
+        let s1 = c.check(w + 1_000 - DAY, t0 + Duration::from_secs(1), 6);
+        assert_eq!(
+            s1,
+            Some(Step {
+                before_pos: 4,
+                delta_ms: -DAY
+            })
+        );
         let s2 = c.check(w + 2_000 - DAY + 10_000, t0 + Duration::from_secs(2), 9);
         assert_eq!(s2.map(|s| s.delta_ms), Some(10_000));
         let now = w + 3_000 - DAY + 10_000;
         assert_eq!(c.age_ms(now, w, 1), 3_000, "before both steps");
+        assert!(
+            c.age_ms(now, w + 900, 5) < 0,
+            "stamped just before the step, between two checks: young, never old"
+        );
         assert_eq!(c.age_ms(now, w + 1_500 - DAY, 7), 1_500, "between them");
         assert_eq!(c.age_ms(now, now - 200, 10), 200, "after both");
     }
@@ -184,6 +210,7 @@ mod tests {
         c.check(0, t0, 1);
         c.check(10_000, t0, 1);
         c.check(20_000, t0, 1);
+        c.restore(&[]);
         assert_eq!(
             c.steps(),
             vec![Step {
@@ -197,6 +224,17 @@ mod tests {
             c.check(wall, t0, pos);
         }
         assert!(c.steps().len() <= MAX_STEPS);
+        // Every merged step was forward: the oldest kept covers at least the later ones' total.
+        let steps = c.steps();
+        assert!(steps[0].delta_ms >= 5_000, "{:?}", steps[0]);
+        // An event before every step is re-based by the sum of all of them (the merges kept the
+        // forward parts): its age is not inflated.
+        let total: i64 = 20_000 + 198 * 5_000;
+        assert!(
+            c.age_ms(wall, 0, 1) <= wall - total,
+            "age {}",
+            c.age_ms(wall, 0, 1)
+        );
         // Saturating arithmetic: extreme readings never panic.
         c.check(i64::MAX, t0, i64::MAX);
         c.check(i64::MIN, t0, 0);

@@ -40,6 +40,9 @@ const SINK_CACHE_KIB: u32 = 512;
 /// How often delivered progress is persisted while events flow.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 
+/// Start of `last_error` while a sink holds because its receiver rejects every event.
+const REJECTING_EVERY_EVENT: &str = "rejecting every event";
+
 /// Longest wait before a sink tries again after a store error.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -276,6 +279,16 @@ impl Runner {
         tracing::info!(sink = %name, cursor = st.row.cursor, "Sink started");
         let mut writer_gone = false;
         let max_rejected = cfg.max_consecutive_rejected;
+        if st
+            .row
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(REJECTING_EVERY_EVENT))
+        {
+            // Still holding from before the restart: a restart must not dead-letter another
+            // `max_consecutive_rejected` good events.
+            self.consecutive_rejected = max_rejected;
+        }
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -454,7 +467,7 @@ impl Runner {
                         tracing::error!(sink = %name, status, rejected_in_a_row = self.consecutive_rejected, response = %snippet,
                             "Upstream rejects every event; holding instead of dead-lettering (sinks.http.max_consecutive_rejected)");
                     }
-                    let reason = format!("rejecting every event: http {status}: {snippet}");
+                    let reason = format!("{REJECTING_EVERY_EVENT}: http {status}: {snippet}");
                     let delay_ms =
                         delivery::backoff_ms(&self.sink.policy, failures, fastrand::f64());
                     st.hold(failures, delay_ms, reason, now, cursor).await?;

@@ -273,7 +273,75 @@ pub fn open_for_daemon(path: &Path, opts: &Options) -> Result<(Connection, Optio
     tracing::error!(error = %err, moved_to = %moved.display(),
         "Database unusable: moved aside (kept for inspection) and starting a fresh one; unacknowledged data is redelivered by the sources");
     let conn = open(path, Mode::ReadWrite, opts)?;
+    if kind != "foreign" {
+        let n = salvage_devices(&moved, &conn);
+        if n > 0 {
+            tracing::warn!(
+                devices = n,
+                "Carried each device's last state and seq over from the moved file, so seq goes on"
+            );
+        }
+    }
     Ok((conn, Some(moved)))
+}
+
+/// Best effort: copies each device's stored state and its largest seq (of `devices` and of the
+/// stored events) from the moved-aside file `from` into the fresh `to`, so that a device's `seq`
+/// continues instead of restarting at 1. Whatever cannot be read is skipped. Returns the devices
+/// carried over.
+fn salvage_devices(from: &Path, to: &Connection) -> usize {
+    let Ok(old) = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    let mut seqs: std::collections::HashMap<String, (i64, String)> =
+        std::collections::HashMap::new();
+    if let Ok(mut st) = old.prepare("SELECT device, state, seq FROM devices")
+        && let Ok(mut rows) = st.query([])
+    {
+        {
+            while let Ok(Some(r)) = rows.next() {
+                if let (Ok(d), Ok(state), Ok(seq)) = (
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, i64>(2),
+                ) {
+                    seqs.insert(d, (seq.max(0), state));
+                }
+            }
+        }
+    }
+    if let Ok(mut st) = old.prepare("SELECT device, MAX(seq) FROM events GROUP BY device")
+        && let Ok(mut rows) = st.query([])
+    {
+        {
+            while let Ok(Some(r)) = rows.next() {
+                if let (Ok(d), Ok(seq)) = (r.get::<_, String>(0), r.get::<_, i64>(1)) {
+                    let e = seqs.entry(d).or_insert((0, "{}".to_string()));
+                    e.0 = e.0.max(seq);
+                }
+            }
+        }
+    }
+    let mut n = 0;
+    for (device, (seq, state)) in &seqs {
+        // A state that does not parse is stored as empty: the device's next report is a snapshot.
+        let state = if serde_json::from_str::<crate::model::DeviceState>(state).is_ok() {
+            state.as_str()
+        } else {
+            "{}"
+        };
+        if to
+            .execute(
+                "INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
+                 VALUES (?1, ?2, ?3, 0, 1, ?4) ON CONFLICT(device) DO NOTHING",
+                rusqlite::params![device, state, seq, crate::telemetry::now_ms()],
+            )
+            .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// `PRAGMA quick_check`: `Err(Corrupt)` unless it says `ok`.
@@ -565,6 +633,48 @@ mod quarantine_tests {
             .execute_batch("CREATE TABLE photos(id, path); INSERT INTO photos VALUES (1, 'a');")
             .unwrap();
         assert_quarantined(&p, "foreign");
+    }
+
+    #[test]
+    fn devices_and_their_seq_are_carried_over_from_a_moved_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        fresh(&p);
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
+                   VALUES ('a', '{}', 7, 0, 0, 0), ('b', 'garbage', 3, 0, 0, 0);
+                 INSERT INTO events (pos, id, device, seq, type, observed_at, payload)
+                   VALUES (1, 'x', 'a', 9, 'setpoint', 0, '{}'), (2, 'y', 'c', 4, 'mode', 0, '{}');
+                 PRAGMA user_version = -1;",
+            )
+            .unwrap();
+        }
+        let (c, moved) = open_for_daemon(&p, &Options::default()).unwrap();
+        assert!(moved.is_some());
+        let mut rows: Vec<(String, String, i64)> = c
+            .prepare("SELECT device, state, seq FROM devices ORDER BY device")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                ("a".into(), "{}".into(), 9),
+                ("b".into(), "{}".into(), 3),
+                ("c".into(), "{}".into(), 4)
+            ]
+        );
     }
 
     #[test]

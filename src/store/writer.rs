@@ -91,6 +91,8 @@ pub struct WriterStats {
     pub cap_round_max_us: AtomicU64,
     /// Longest housekeeping run (snapshots, checkpoint, GC, cap, vacuum, WAL), µs.
     pub housekeeping_max_us: AtomicU64,
+    /// Housekeeping runs so far.
+    pub housekeeping_runs: AtomicU64,
 }
 
 /// Most recent committed MQTT messages remembered per source for duplicate detection.
@@ -104,6 +106,9 @@ const CAP_BUDGET: Duration = Duration::from_millis(50);
 const CAP_WINDOW: i64 = 4000;
 /// Most rows one cap round deletes.
 const CAP_CHUNK: i64 = 2000;
+/// A device whose seq reached this emits nothing more (room for one commit's changes below
+/// the largest value the `seq` column holds).
+const SEQ_LIMIT: u64 = i64::MAX as u64 - 1024;
 /// Distinct refused device ids remembered per source (for the log line's count).
 const REFUSED_IDS_KEPT: usize = 10_000;
 /// How often devices are checked for expiry.
@@ -176,6 +181,8 @@ pub struct Writer {
     cap_scan_pos: i64,
     cap_pass_found: bool,
     cap_dirty: bool,
+    /// Complete passes of that scan while over the cap (from the first, the oldest events go too).
+    cap_passes: u32,
     /// WAL size past which housekeeping truncates it (`journal_size_limit` too).
     wal_limit: u64,
 }
@@ -296,7 +303,7 @@ impl Writer {
             .map_err(&c)?;
         stats.stored.store(stored as u64, Ordering::Relaxed);
         stats.evicted.store(
-            meta_get(&conn, "evicted_events").map_err(&c)? as u64,
+            u64::try_from(meta_get(&conn, "evicted_events").map_err(&c)?).unwrap_or(0),
             Ordering::Relaxed,
         );
         let mut recent: HashMap<String, RecentSet> = HashMap::new();
@@ -346,6 +353,8 @@ impl Writer {
         committed_tx.send_replace(last_pos);
         let wal_limit = wal_limit(s.max_bytes);
         let owner = s.reserved.clone();
+        let clock = Arc::new(crate::clock::ClockSteps::default());
+        clock.restore(&load_clock_steps(&conn).map_err(&c)?);
         // Checkpoint at SQLite's default 1000 pages, or sooner when the limit is smaller.
         let autocheckpoint = (wal_limit / 4096).clamp(1, 1000);
         conn.execute_batch(&format!(
@@ -374,11 +383,12 @@ impl Writer {
             stats,
             conflict_log: RateLimit::new(Duration::from_secs(60)),
             on_commit: Box::new(|_| {}),
-            clock: Arc::default(),
+            clock,
             latest_measure: HashMap::new(),
             cap_scan_pos: 0,
             cap_pass_found: false,
             cap_dirty: true,
+            cap_passes: 0,
             wal_limit,
         })
     }
@@ -390,6 +400,7 @@ impl Writer {
 
     /// Shares the record of wall-clock steps with the sinks.
     pub fn set_clock(&mut self, clock: Arc<crate::clock::ClockSteps>) {
+        clock.restore(&self.clock.steps());
         self.clock = clock;
     }
 
@@ -477,6 +488,7 @@ impl Writer {
                 self.stats
                     .housekeeping_max_us
                     .fetch_max(us, Ordering::Relaxed);
+                self.stats.housekeeping_runs.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = res {
                     if e.is_corrupt() {
                         return Err(e);
@@ -616,12 +628,20 @@ impl Writer {
                     if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         logged = Some(Instant::now());
                         let what = if e.is_full() {
-                            "Disk full: cannot commit; acknowledging nothing and retrying (deliveries go on and free space)"
+                            "Disk full: cannot commit; acknowledging nothing and retrying (deliveries go on; what they finish is collected and its space reused)"
                         } else {
                             "Commit failed; acknowledging nothing and retrying"
                         };
                         tracing::error!(error = %e, attempt, observations = batch.len(), "{what}");
                     }
+                    if e.is_full() {
+                        // Free what can be freed inside the file: events every sink delivered,
+                        // and the cap. Best effort: these writes may fail for the same reason.
+                        let _ = self.collect_garbage();
+                        let _ = self.enforce_cap();
+                    }
+                    // Still alive: the systemd watchdog must not kill a writer that waits on a disk.
+                    (self.on_commit)(&self.stats);
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                     attempt = attempt.saturating_add(1);
@@ -721,6 +741,23 @@ impl Writer {
                     None => {
                         self.owner.insert(obs.device.clone(), obs.source.clone());
                     }
+                }
+                if staged
+                    .get(&obs.device)
+                    .or_else(|| self.cache.get(&obs.device))
+                    .is_some_and(|r| r.seq >= SEQ_LIMIT)
+                {
+                    // A seq must never repeat: a device at the end of the range (only a damaged
+                    // or hostile file gets there) emits nothing more.
+                    rejected += 1;
+                    if let Some(suppressed) = self
+                        .conflict_log
+                        .check(&format!("seq_limit:{}", obs.source))
+                    {
+                        tracing::error!(device = %obs.device, source = %obs.source, suppressed,
+                            "Device seq at the end of its range; dropping its observations");
+                    }
+                    continue;
                 }
                 seen.push((obs.device.clone(), obs.observed_at));
                 let prev = staged
@@ -846,6 +883,21 @@ impl Writer {
                 before_pos = step.before_pos,
                 "The wall clock stepped; ages of the events committed before are re-based (TTL)"
             );
+            // Kept across restarts: a restart must not age those events by the step again.
+            let total = self
+                .clock
+                .steps()
+                .iter()
+                .filter(|s| s.before_pos == step.before_pos)
+                .map(|s| s.delta_ms)
+                .sum::<i64>();
+            let c = ctx(&self.path);
+            meta_set(
+                &self.conn,
+                &format!("{CLOCK_STEP}{}", step.before_pos),
+                total,
+            )
+            .map_err(&c)?;
         }
         self.emit_due_snapshots(now)?;
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.s.checkpoint_interval {
@@ -855,6 +907,8 @@ impl Writer {
         self.trim_dead_letters()?;
         // Rounds of bounded work within a time budget: a cap reached under heavy ingest must not
         // fall behind, and must not stall commits either.
+        // The WAL first: the cap counts it, and a stale one must not evict events.
+        self.bound_wal()?;
         let started = Instant::now();
         while started.elapsed() < CAP_BUDGET {
             let round = Instant::now();
@@ -866,7 +920,6 @@ impl Writer {
             }
         }
         self.vacuum_step()?;
-        self.bound_wal()?;
         let path = self.path.clone();
         let c = ctx(&path);
         let rows: i64 = self
@@ -891,13 +944,20 @@ impl Writer {
     fn expire_devices(&mut self, now: UnixMs) -> Result<(), Error> {
         let expiry_ms = i64::try_from(self.s.device_expiry.as_millis()).unwrap_or(i64::MAX);
         let limit = now.saturating_sub(expiry_ms);
+        // A time stamped before the clock was set says nothing about silence: never expired.
         let gone: Vec<String> = self
             .last_seen
             .iter()
-            .filter(|(d, at)| **at < limit && !self.s.reserved.contains_key(*d))
+            .filter(|(d, at)| {
+                **at >= crate::telemetry::CLOCK_SANE_MIN_MS
+                    && **at < limit
+                    && !self.s.reserved.contains_key(*d)
+            })
             .map(|(d, _)| d.clone())
             .collect();
         if !gone.is_empty() {
+            // Their rows get their true last_seen (and seq) before they leave memory.
+            self.dirty.extend(gone.iter().cloned());
             self.checkpoint()?;
             for d in &gone {
                 self.cache.remove(d);
@@ -918,14 +978,44 @@ impl Writer {
                 "Forgot devices not seen for pipeline.device_expiry_secs (their slots are free)"
             );
         }
+        // Rows of devices silent for ten periods (by a sane clock) and not in memory go; the
+        // rows of devices in memory are current at the next checkpoint anyway.
         let c = ctx(&self.path);
-        let n = self
-            .conn
-            .execute(
-                "DELETE FROM devices WHERE last_seen < ?1",
-                [now.saturating_sub(expiry_ms.saturating_mul(10))],
-            )
-            .map_err(&c)?;
+        let old: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT device FROM devices WHERE last_seen >= ?1 AND last_seen < ?2 LIMIT 1000")
+                .map_err(&c)?;
+            let mut rows = st
+                .query(params![
+                    crate::telemetry::CLOCK_SANE_MIN_MS,
+                    now.saturating_sub(expiry_ms.saturating_mul(10))
+                ])
+                .map_err(&c)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(&c)? {
+                if let Some(d) = text(r, 0)
+                    && !self.cache.contains_key(&d)
+                    && !self.s.reserved.contains_key(&d)
+                {
+                    out.push(d);
+                }
+            }
+            out
+        };
+        let mut n = 0;
+        if !old.is_empty() {
+            let tx = self.conn.transaction().map_err(&c)?;
+            {
+                let mut del = tx
+                    .prepare_cached("DELETE FROM devices WHERE device = ?1")
+                    .map_err(&c)?;
+                for d in &old {
+                    n += del.execute([d]).map_err(&c)?;
+                }
+            }
+            tx.commit().map_err(&c)?;
+        }
         if n > 0 {
             tracing::info!(
                 rows = n,
@@ -1223,10 +1313,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Enforces `max_bytes` (file + WAL) / `max_events`, one bounded round per call: superseded
-    /// measurements first (a bounded window of positions per round, matched against the newest
-    /// measurement per device kept in memory), then dead letters (they never make the cap evict
-    /// undelivered events), then the oldest events. Returns whether there is more to do.
+    /// Enforces `max_bytes` (file + WAL) / `max_events`, one bounded round per call: dead letters
+    /// first (when over the bytes: they never make the cap evict undelivered events), then
+    /// superseded measurements (a bounded window of positions per round, matched against the
+    /// newest measurement per device kept in memory), and once a whole pass over the outbox has
+    /// run while over the cap, also the oldest events in every round, so that the cap holds even
+    /// while new measurements keep superseding old ones. Returns whether there is more to do.
     fn enforce_cap(&mut self) -> Result<bool, Error> {
         let path = self.path.clone();
         let c = ctx(&path);
@@ -1235,6 +1327,7 @@ impl Writer {
         let over_events = self.s.max_events > 0 && stored > max_events;
         let over_bytes = self.s.max_bytes > 0 && self.db_bytes()? > self.s.max_bytes;
         if !over_events && !over_bytes {
+            self.cap_passes = 0;
             return Ok(false);
         }
         // Evict a little more than strictly needed (5 %) so the cap is not hit on every tick.
@@ -1246,8 +1339,37 @@ impl Writer {
             need = need.max((stored / 20).max(100));
         }
         let need = need.clamp(1, CAP_CHUNK);
+        if over_bytes {
+            let dead = self
+                .conn
+                .execute(
+                    "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
+                    [need],
+                )
+                .map_err(&c)? as i64;
+            if dead > 0 {
+                let total = meta_get(&self.conn, "dead_letters_dropped")
+                    .map_err(&c)?
+                    .saturating_add(dead);
+                meta_set(&self.conn, "dead_letters_dropped", total).map_err(&c)?;
+                if let Some(suppressed) = self.conflict_log.check("cap_dead_letters") {
+                    tracing::error!(
+                        dropped = dead,
+                        total_dropped = total,
+                        suppressed,
+                        "Store cap reached: deleted the oldest dead letters before any undelivered event"
+                    );
+                }
+                return Ok(true);
+            }
+        }
+        let mut superseded_n = 0i64;
         if self.cap_dirty {
-            let from = self.cap_scan_pos;
+            let min_pos: i64 = self
+                .conn
+                .query_row("SELECT COALESCE(MIN(pos), 0) FROM events", [], |r| r.get(0))
+                .map_err(&c)?;
+            let from = self.cap_scan_pos.max(min_pos.saturating_sub(1));
             let to = from.saturating_add(CAP_WINDOW).min(self.last_pos);
             let superseded: Vec<i64> = {
                 let mut st = self
@@ -1275,71 +1397,39 @@ impl Writer {
                 }
                 out
             };
-            let n = superseded.len() as i64;
+            superseded_n = superseded.len() as i64;
             // Resume after the last one taken, or after the window.
-            self.cap_scan_pos = if n >= need {
+            self.cap_scan_pos = if superseded_n >= need {
                 superseded[superseded.len() - 1]
             } else {
                 to
             };
-            if n > 0 {
+            if superseded_n > 0 {
                 self.cap_pass_found = true;
-                let keep_from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
-                let tx = self.conn.transaction().map_err(&c)?;
-                {
-                    let mut carry = tx
-                        .prepare_cached(
-                            "INSERT INTO mqtt_recent (receipts, pos) SELECT receipts, pos FROM events WHERE pos = ?1 AND receipts IS NOT NULL AND pos > ?2",
-                        )
-                        .map_err(&c)?;
-                    let mut del = tx
-                        .prepare_cached("DELETE FROM events WHERE pos = ?1")
-                        .map_err(&c)?;
-                    for p in &superseded {
-                        carry.execute(params![p, keep_from]).map_err(&c)?;
-                        del.execute([p]).map_err(&c)?;
-                    }
-                }
-                tx.commit().map_err(&c)?;
-                self.count_evicted(n, 0)?;
-                return Ok(true);
+                self.delete_positions(&superseded)?;
+                self.count_evicted(superseded_n, 0)?;
             }
             if self.cap_scan_pos >= self.last_pos {
                 // A whole pass done: start again, or, if it found nothing, stop scanning until a
                 // new measurement supersedes something.
                 self.cap_scan_pos = 0;
+                self.cap_passes = self.cap_passes.saturating_add(1);
                 if !self.cap_pass_found {
                     self.cap_dirty = false;
                 }
                 self.cap_pass_found = false;
             }
-            return Ok(true);
-        }
-        // Dead letters go before any undelivered event.
-        let dead = self
-            .conn
-            .execute(
-                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
-                [need],
-            )
-            .map_err(&c)? as i64;
-        if dead > 0 {
-            let total = meta_get(&self.conn, "dead_letters_dropped")
-                .map_err(&c)?
-                .saturating_add(dead);
-            meta_set(&self.conn, "dead_letters_dropped", total).map_err(&c)?;
-            if let Some(suppressed) = self.conflict_log.check("cap_dead_letters") {
-                tracing::error!(
-                    dropped = dead,
-                    total_dropped = total,
-                    suppressed,
-                    "Store cap reached: deleted the oldest dead letters before any undelivered event"
-                );
+            if self.cap_passes == 0 {
+                // Superseded measurements may still free enough: no undelivered event yet.
+                return Ok(true);
             }
-            return Ok(true);
         }
         // What is left to evict is real data loss for some receiver: checkpoint first so the
         // device cache no longer needs these events, then drop the oldest (never the newest).
+        let left = need - superseded_n;
+        if left <= 0 {
+            return Ok(true);
+        }
         self.checkpoint()?;
         let tx = self.conn.transaction().map_err(&c)?;
         tx.execute(
@@ -1349,7 +1439,7 @@ impl Writer {
                AND receipts IS NOT NULL AND pos > ?3",
             params![
                 self.last_pos,
-                need,
+                left,
                 self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP)
             ],
         )
@@ -1357,12 +1447,35 @@ impl Writer {
         let oldest = tx
             .execute(
                 "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE pos < ?1 ORDER BY pos LIMIT ?2)",
-                params![self.last_pos, need],
+                params![self.last_pos, left],
             )
             .map_err(&c)? as i64;
         tx.commit().map_err(&c)?;
         self.count_evicted(0, oldest)?;
-        Ok(oldest > 0)
+        Ok(oldest > 0 || superseded_n > 0)
+    }
+
+    /// Deletes the events at `positions` (carrying their recent receipts), one transaction.
+    fn delete_positions(&mut self, positions: &[i64]) -> Result<(), Error> {
+        let c = ctx(&self.path);
+        let keep_from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
+        let tx = self.conn.transaction().map_err(&c)?;
+        {
+            let mut carry = tx
+                .prepare_cached(
+                    "INSERT INTO mqtt_recent (receipts, pos) SELECT receipts, pos FROM events WHERE pos = ?1 AND receipts IS NOT NULL AND pos > ?2",
+                )
+                .map_err(&c)?;
+            let mut del = tx
+                .prepare_cached("DELETE FROM events WHERE pos = ?1")
+                .map_err(&c)?;
+            for p in positions {
+                carry.execute(params![p, keep_from]).map_err(&c)?;
+                del.execute([p]).map_err(&c)?;
+            }
+        }
+        tx.commit().map_err(&c)?;
+        Ok(())
     }
 
     /// Counts and logs evicted events (rate-limited: the cap runs in many small rounds).
@@ -1380,7 +1493,9 @@ impl Writer {
             .map_err(&c)?
             .saturating_add(n);
         meta_set(&self.conn, "evicted_events", total).map_err(&c)?;
-        self.stats.evicted.store(total as u64, Ordering::Relaxed);
+        self.stats
+            .evicted
+            .store(u64::try_from(total).unwrap_or(0), Ordering::Relaxed);
         if oldest > 0 {
             if let Some(suppressed) = self.conflict_log.check("cap_oldest") {
                 tracing::error!(
@@ -1400,6 +1515,46 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// `meta` key prefix of a recorded clock step: `<prefix><before_pos>` = delta ms.
+const CLOCK_STEP: &str = "clock_step:";
+
+/// Clock steps recorded by earlier runs that still apply to stored events, oldest first; those
+/// before every stored event are deleted.
+fn load_clock_steps(conn: &Connection) -> rusqlite::Result<Vec<crate::clock::Step>> {
+    let min_pos: i64 =
+        conn.query_row("SELECT COALESCE(MIN(pos), 0) FROM events", [], |r| r.get(0))?;
+    let mut steps = Vec::new();
+    let mut stale = Vec::new();
+    {
+        let mut st = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'clock_step:%'")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (Some(key), Some(delta)) = (text(r, 0), int(r, 1)) else {
+                continue;
+            };
+            let Some(pos) = key
+                .strip_prefix(CLOCK_STEP)
+                .and_then(|p| p.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            if pos < min_pos {
+                stale.push(key);
+            } else {
+                steps.push(crate::clock::Step {
+                    before_pos: pos,
+                    delta_ms: delta,
+                });
+            }
+        }
+    }
+    for k in stale {
+        conn.execute("DELETE FROM meta WHERE key = ?1", [k])?;
+    }
+    steps.sort_by_key(|s| s.before_pos);
+    Ok(steps)
 }
 
 /// A device's stored record (`devices` row), if any and readable.
