@@ -93,6 +93,8 @@ pub struct WriterStats {
     pub housekeeping_max_us: AtomicU64,
     /// Housekeeping runs so far.
     pub housekeeping_runs: AtomicU64,
+    /// MQTT connections made without a broker session (receipts of the old one cleared).
+    pub sessions_lost: AtomicU64,
 }
 
 /// Most recent committed MQTT messages remembered per source for duplicate detection.
@@ -517,6 +519,7 @@ impl Writer {
     /// (rare: the recent receipt rows are rewritten without that source's entries), so that no
     /// packet id of the old session can match a message of the new one, even after a restart.
     fn session_lost(&mut self, source: &str) {
+        self.stats.sessions_lost.fetch_add(1, Ordering::Relaxed);
         let had = self.recent.remove(source).map_or(0, |s| s.order.len());
         let from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
         let res = (|| -> rusqlite::Result<usize> {

@@ -527,3 +527,53 @@ async fn a_loopback_sink_ignores_proxy_variables_and_pins_localhost() {
     daemon.sigterm();
     assert!(daemon.wait_timeout_async(TIMEOUT).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_without_its_sessions_voids_the_old_receipts_and_events_flow() {
+    let sb = Sandbox::new("session_lost");
+    let mut s = setup(&sb, Reply::ok(), |_| {}).await;
+    let topic = format!("{}/trv", s.tc.base_topic());
+    s.publisher.publish(&topic, trv_state(20.0), false).await;
+    s.receiver.wait_unique_events(1, TIMEOUT).await;
+    let db = Db::open(&s.tc.db_path());
+    let receipts =
+        |db: &Db| db.count("SELECT COALESCE(length(receipts), -1) FROM events WHERE pos = 1");
+    assert!(receipts(&db) > 0, "the commit's receipt rides on its event");
+    // The first connection had no session either (a new client id).
+    wait_until_async("the first sessionless connect", TIMEOUT, || {
+        get(&s.daemon.writer().sessions_lost) == 1
+    })
+    .await;
+    // mosquitto without persistence: sessions are gone after the restart.
+    s._broker.restart();
+    s._broker
+        .wait_connected(&s.tc.client_id("z2m"), 2, TIMEOUT)
+        .await;
+    wait_until_async(
+        "the sessionless reconnect seen by the writer",
+        TIMEOUT,
+        || get(&s.daemon.writer().sessions_lost) == 2,
+    )
+    .await;
+    assert_eq!(
+        receipts(&db),
+        0,
+        "the old session's receipts are gone from the file"
+    );
+    let mut p = Publisher::connect(s._broker.port()).await;
+    s._broker
+        .wait_subscribed(&s.tc.client_id("z2m"), 2, TIMEOUT)
+        .await;
+    p.publish(&topic, trv_state(20.0), false).await; // same bytes, maybe the same packet id
+    p.publish(&topic, trv_state(21.5), false).await;
+    let unique = s
+        .receiver
+        .wait_event("the change after the restart", TIMEOUT, |e| e.seq == 2)
+        .await;
+    let got: Vec<(u64, String)> = unique.iter().map(|e| (e.seq, e.kind.clone())).collect();
+    assert_eq!(
+        got,
+        vec![(1, "snapshot".to_string()), (2, "setpoint".to_string())]
+    );
+    s.daemon.stop().await.unwrap();
+}
