@@ -1227,6 +1227,7 @@ pub(crate) fn check_device_id(p: &mut Problems, key: &str, id: &str) {
                 crate::telemetry::shown(id, 32)
             ),
         ),
+        Err(DeviceIdError::Blank) => p.add(key, "must not be blank"),
     }
 }
 

@@ -300,6 +300,9 @@ pub enum DeviceIdError {
     /// A control character (C0, DEL or C1: newline, ESC, NUL …).
     #[error("contains a control character")]
     Control,
+    /// Only white space (a topic level of spaces): not an id anyone can tell apart.
+    #[error("is blank")]
+    Blank,
 }
 
 /// Checks a device id: at most [`MAX_DEVICE_ID_BYTES`] bytes, no control characters.
@@ -313,6 +316,9 @@ pub fn check_device_id(id: &str) -> Result<(), DeviceIdError> {
     }
     if id.chars().any(char::is_control) {
         return Err(DeviceIdError::Control);
+    }
+    if !id.is_empty() && id.trim().is_empty() {
+        return Err(DeviceIdError::Blank);
     }
     Ok(())
 }
@@ -368,6 +374,13 @@ mod tests {
             "tab\t",
         ] {
             assert_eq!(check_device_id(bad), Err(DeviceIdError::Control), "{bad:?}");
+        }
+        for blank in [" ", "   ", "\u{a0}", "\u{2003} "] {
+            assert_eq!(
+                check_device_id(blank),
+                Err(DeviceIdError::Blank),
+                "{blank:?}"
+            );
         }
     }
 

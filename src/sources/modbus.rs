@@ -178,9 +178,35 @@ pub fn load_map(name_or_path: &str) -> Result<RegisterMap, String> {
             names.join(", ")
         ));
     }
-    let text = std::fs::read_to_string(name_or_path)
-        .map_err(|e| format!("cannot read map file {name_or_path}: {e}"))?;
+    let text = read_map_file(std::path::Path::new(name_or_path))?;
     parse_map(&text).map_err(|e| format!("{name_or_path}: {e}"))
+}
+
+/// Largest map file read (a real map is a few KiB).
+const MAX_MAP_BYTES: u64 = 1024 * 1024;
+
+/// Reads a map file: a regular file of at most [`MAX_MAP_BYTES`], UTF-8. A device node, FIFO or
+/// directory is refused before anything is read (`map = "/dev/zero"` must not read forever).
+fn read_map_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let shown = path.display();
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot read map file {shown}: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cannot read map file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("map file {shown} is not a regular file"));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_MAP_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read map file {shown}: {e}"))?;
+    if buf.len() as u64 > MAX_MAP_BYTES {
+        return Err(format!(
+            "map file {shown} is larger than {MAX_MAP_BYTES} bytes"
+        ));
+    }
+    String::from_utf8(buf).map_err(|_| format!("map file {shown} is not UTF-8 text"))
 }
 
 /// Parses and checks a map file's text.
@@ -641,5 +667,42 @@ map = { x = "MANUAL", 2 = "WARM" }
         assert_eq!(m.requests[0].count, 125);
         assert_eq!(m.requests[1].start, 125);
         assert_eq!(m.requests[1].count, 5);
+    }
+}
+
+#[cfg(test)]
+mod map_file_tests {
+    use super::*;
+
+    /// Found by the config fuzz target: `map = "/dev/zero"` read for ever (fuzz/findings/config).
+    #[test]
+    fn a_map_path_that_is_not_a_small_regular_file_is_refused_without_reading_it() {
+        assert_eq!(
+            load_map("/dev/zero").err(),
+            Some("map file /dev/zero is not a regular file".to_string())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_map(&dir.path().display().to_string()).err(),
+            Some(format!(
+                "map file {} is not a regular file",
+                dir.path().display()
+            ))
+        );
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; 1024 * 1024 + 1]).unwrap();
+        assert_eq!(
+            load_map(&big.display().to_string()).err(),
+            Some(format!(
+                "map file {} is larger than 1048576 bytes",
+                big.display()
+            ))
+        );
+        let bin = dir.path().join("bin.toml");
+        std::fs::write(&bin, [0xffu8, 0xfe]).unwrap();
+        assert_eq!(
+            load_map(&bin.display().to_string()).err(),
+            Some(format!("map file {} is not UTF-8 text", bin.display()))
+        );
     }
 }
