@@ -4,6 +4,7 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]      # default: every target
 #   CMIN=1 scripts/fuzz.sh 600 otgw            # also minimise fuzz/corpus/otgw afterwards
+#                                              # (edge coverage kept; commit the result)
 #
 # Targets: z2m generic_mapping otgw jsonl modbus_map config (see fuzz/fuzz_targets/common.rs).
 # New corpus entries are written to fuzz/corpus/<target>/ (commit them after `CMIN=1`);
@@ -54,7 +55,14 @@ for t in "${targets[@]}"; do
         result="FAILED (exit $rc): $(grep -o 'Test unit written to .*' "$log" | tail -1 || true)"
     fi
     if [ "${CMIN:-0}" = 1 ] && [ "$rc" -eq 0 ]; then
-        nice -n 19 cargo fuzz cmin "${flags[@]}" "$t" "fuzz/corpus/$t" >>"$log" 2>&1 || true
+        # Keep a smallest set of inputs covering every edge (-use_counters=0: hit-count
+        # features alone do not keep an input), plus the named regress-* reproducers.
+        tmp=$(mktemp -d)
+        bin="fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release/$t"
+        nice -n 19 "$bin" -merge=1 -use_counters=0 "$tmp" "fuzz/corpus/$t" >>"$log" 2>&1 &&
+            find "fuzz/corpus/$t" -maxdepth 1 -type f ! -name 'regress-*' -delete &&
+            cp "$tmp"/* "fuzz/corpus/$t/"
+        rm -rf "$tmp"
     fi
     printf '%-16s %5ss  execs=%-10s exec/s=%-7s cov=%-6s ft=%-6s corpus=%-12s %s\n' \
         "$t" "$secs" "${execs:-?}" "${speed:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result"
