@@ -44,8 +44,8 @@ fn split_line(data: &[u8]) -> (&[u8], &[u8]) {
 
 /// What a successful mapping promises about the id and the fields it returns.
 fn check_mapped(device: &str, r: &Reported) {
-    // The documented rule is "a non-empty id". A blank one (" ") passes from a topic level but
-    // not from a JSON pointer, which trims: reported, see fuzz/findings/generic_mapping/.
+    // A blank id (" ", from a topic level of spaces) is refused by check_device_id since
+    // fafec07; corpus/generic_mapping/regress-blank-device-id-from-topic-level covers it.
     assert!(!device.is_empty(), "mapped an empty device id");
     assert!(
         check_device_id(device).is_ok(),
