@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! Data flows one way: device → [`model::Observation`] → change events → outbox → each sink.
+//! - [`channel`]: the contract between sources, writer and sinks (envelopes, acks, receipts,
+//!   writer messages, source status).
 //! - [`config`]: the TOML schema, defaults, validation naming the failing key.
 //! - [`model`]: canonical thermostat state, observations, changes, the event envelope.
 //! - [`diff`]: the pure diff engine (deadbands, minimum intervals, snapshots).
@@ -15,6 +17,7 @@
 //! - [`telemetry`], [`tls`]: logging, rate limits, the crypto provider; [`clock`]: wall-clock
 //!   steps, so that event ages survive NTP stepping the clock.
 
+pub mod channel;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -28,7 +28,6 @@ use rusqlite::Connection;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// `last_error` while deliveries wait for the clock.
@@ -71,7 +70,7 @@ pub struct SinkContext {
     /// Connection options.
     pub opts: Options,
     /// The writer's last committed `pos`.
-    pub committed: watch::Receiver<i64>,
+    pub committed: crate::channel::Committed,
     /// Wall-clock steps seen by the writer (event ages).
     pub clock: Arc<ClockSteps>,
     /// How the clock's `synced` state is known (`gateway.clock`).

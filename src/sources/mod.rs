@@ -1,7 +1,8 @@
 //! Sources: talking to devices and handing [`Envelope`]s to the writer.
 //!
-//! This file holds what every source shares: the envelope, the [`Ack`] handle the writer runs after
-//! the commit, per-source counters and the reconnect backoff. No protocol code lives here, and no
+//! This file holds what every source shares: per-source counters, the reconnect backoff and the
+//! device-id rule; the envelope, the [`Ack`] and the status types are the channel contract
+//! ([`crate::channel`], re-exported here). No protocol code lives here, and no
 //! source touches the database or a sink.
 
 pub mod jsonl;
@@ -14,55 +15,12 @@ pub mod payload;
 pub mod serial;
 pub mod simulator;
 
-use crate::model::{Observation, UnixMs};
-use serde::{Deserialize, Serialize};
+pub use crate::channel::{Ack, Envelope, Link, MqttReceipt, SourceStatus, UnitStatus};
+use crate::model::UnixMs;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-/// Runs once, after the observation it travels with is committed (or found to be a committed
-/// duplicate). Opaque so that `store` stays free of rumqttc.
-pub struct Ack(Box<dyn FnOnce() + Send>);
-
-impl Ack {
-    /// Wraps the acknowledgement action.
-    pub fn new(f: impl FnOnce() + Send + 'static) -> Ack {
-        Ack(Box::new(f))
-    }
-
-    /// Acknowledges.
-    pub fn run(self) {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Ack {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Ack")
-    }
-}
-
-/// Identifies an MQTT message so that a stale redelivery of a committed message can be dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MqttReceipt {
-    /// Packet id the broker used; a redelivery keeps it.
-    pub pkid: u16,
-    /// 64-bit digest of topic and payload.
-    pub digest: u64,
-    /// The broker's DUP flag: set on redelivery.
-    pub dup: bool,
-}
-
-/// One observation on its way to the writer.
-#[derive(Debug)]
-pub struct Envelope {
-    pub obs: Observation,
-    /// Run after the commit; `None` for sources with nothing to acknowledge.
-    pub ack: Option<Ack>,
-    /// Set by the MQTT source for duplicate detection.
-    pub receipt: Option<MqttReceipt>,
-}
 
 /// Counters of one source, shared with the daemon for status output.
 #[derive(Debug, Default)]
@@ -99,94 +57,6 @@ pub struct Detail {
     /// Modbus units, in config order.
     pub units: Vec<UnitStatus>,
     /// Decoded values with no canonical field (OTGW boiler data), for technicians.
-    pub values: BTreeMap<String, String>,
-}
-
-/// Connection state of a source's link (broker connection or serial port).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Link {
-    /// Not connected yet.
-    #[default]
-    Starting,
-    /// Connected (port open, broker session up).
-    Connected,
-    /// Lost or never opened; retrying with backoff.
-    Disconnected,
-    /// A source with no link (the simulator).
-    None,
-}
-
-impl Link {
-    /// The lower-case name shown by the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Link::Starting => "starting",
-            Link::Connected => "connected",
-            Link::Disconnected => "disconnected",
-            Link::None => "-",
-        }
-    }
-}
-
-/// Status of one Modbus unit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnitStatus {
-    /// Modbus address.
-    pub unit_id: u8,
-    /// Device id of the unit.
-    pub device: String,
-    /// Answering (set by a good poll, cleared when the unit is reported OFFLINE).
-    pub online: bool,
-    /// Polls attempted.
-    pub polls: u64,
-    /// Polls answered in full.
-    pub ok: u64,
-    /// Requests with no answer within `request_timeout_ms`.
-    pub timeouts: u64,
-    /// Garbled answers: a CRC that does not match, or an answer that does not match the request
-    /// (wrong unit or function, wrong length). The request counts as failed.
-    pub crc_errors: u64,
-    /// Modbus exception responses (illegal address, device busy, …).
-    pub exceptions: u64,
-    /// Register values that the map could not translate (no entry in `map`, out of range).
-    pub bad_values: u64,
-    /// Failed polls in a row (exceptions excluded); OFFLINE at `offline_after_failed_polls`.
-    pub consecutive_failures: u32,
-    /// Last good poll.
-    pub last_ok_ms: Option<UnixMs>,
-    /// The last failure, as text.
-    pub last_error: Option<String>,
-}
-
-/// A source's status as `hvac-edge sources` shows it (stored as JSON in `source_status`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceStatus {
-    /// The source's configured name.
-    pub name: String,
-    /// `mqtt`, `otgw`, `modbus`, `jsonl` or `simulator`.
-    pub kind: String,
-    /// Port path and line settings (serial sources).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<String>,
-    /// Current link state.
-    pub link: Link,
-    /// When the link entered its current state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since_ms: Option<UnixMs>,
-    /// Last valid frame, line or poll answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_valid_ms: Option<UnixMs>,
-    /// Why the link is down, or the last failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Every counter by name (the common ones and the protocol's).
-    pub counters: BTreeMap<String, u64>,
-    /// Modbus units, in config order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub units: Vec<UnitStatus>,
-    /// Decoded values with no canonical field (OTGW boiler data, firmware version).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub values: BTreeMap<String, String>,
 }
 

@@ -15,9 +15,9 @@
 use super::modbus::{RegisterMap, load_map};
 use super::serial::{open_logged, send, send_offline};
 use super::{Backoff, Link, SharedStats, SourceStats, UnitStatus};
+use crate::channel::WriterMsg;
 use crate::config::ModbusSourceConfig;
 use crate::model::{Connectivity, Reported};
-use crate::store::writer::WriterMsg;
 use crate::telemetry::{RateLimit, now_ms};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

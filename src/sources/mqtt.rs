@@ -10,10 +10,11 @@
 //! Parsing lives in `payload.rs`; this file routes topics, enforces bounds and counts.
 
 use super::payload::{self, Mapping, Route};
-use super::{Ack, Backoff, Envelope, MqttReceipt, SharedStats, SourceStats};
+use super::{Backoff, SharedStats, SourceStats};
+use crate::channel::WriterMsg;
+use crate::channel::{Ack, Envelope, MqttReceipt};
 use crate::config::{MqttPreset, MqttSourceConfig};
 use crate::model::{Observation, Reported};
-use crate::store::writer::WriterMsg;
 use crate::telemetry::RateLimit;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use std::collections::HashSet;

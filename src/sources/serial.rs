@@ -7,10 +7,10 @@
 //! the source keeps retrying, its status says why, and the other sources run on.
 
 use super::{Backoff, Envelope, Link, SharedStats, SourceStats};
+use crate::channel::WriterMsg;
 use crate::config::{Parity, SerialLine};
 use crate::model::{Connectivity, Observation, Reported, UnixMs};
 use crate::sources::otgw::{LineBuffer, LineError};
-use crate::store::writer::WriterMsg;
 use crate::telemetry::now_ms;
 use std::path::Path;
 use std::time::Duration;

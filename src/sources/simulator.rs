@@ -8,11 +8,11 @@
 //! The same seed gives the same sequence.
 
 use super::{Envelope, SharedStats, SourceStats};
+use crate::channel::WriterMsg;
 use crate::config::SimulatorConfig;
 use crate::model::{
     Connectivity, Fixed, Function, LoadState, Mode, Observation, Reported, TempUnit, Temperature,
 };
-use crate::store::writer::WriterMsg;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

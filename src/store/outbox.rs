@@ -428,7 +428,7 @@ pub fn sink_row(conn: &Connection, path: &Path, name: &str) -> Result<Option<Sin
 pub fn source_status(
     conn: &Connection,
     path: &Path,
-) -> Result<Vec<(crate::sources::SourceStatus, i64)>, Error> {
+) -> Result<Vec<(crate::channel::SourceStatus, i64)>, Error> {
     let c = ctx(path);
     let mut st = conn
         .prepare("SELECT name, kind, status, updated_at FROM source_status ORDER BY name")
@@ -439,7 +439,7 @@ pub fn source_status(
             let kind: String = r.get(1)?;
             let json: String = r.get(2)?;
             let at: i64 = r.get(3)?;
-            let status = serde_json::from_str(&json).unwrap_or(crate::sources::SourceStatus {
+            let status = serde_json::from_str(&json).unwrap_or(crate::channel::SourceStatus {
                 name,
                 kind,
                 ..Default::default()

@@ -12,12 +12,13 @@
 //! sink has passed, enforces the size cap and vacuums.
 
 use super::{Error, ctx, meta_get, meta_set};
+pub use crate::channel::WriterMsg;
+use crate::channel::{Ack, Envelope};
 use crate::config::ClockSource;
 use crate::diff::{DeviceRecord, DiffPolicy, copy_field, diff, snapshot_due};
 use crate::model::{
     Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
 };
-use crate::sources::{Ack, Envelope};
 use crate::telemetry::RateLimit;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -26,20 +27,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-
-/// What the writer receives.
-#[derive(Debug)]
-pub enum WriterMsg {
-    /// An observation to diff and commit.
-    Observe(Envelope),
-    /// Periodic housekeeping (about once a second): snapshots, checkpoint, GC, cap, watchdog.
-    Tick,
-    /// The sources' status, to store for `hvac-edge sources` (sent only when it changed).
-    Status(Vec<crate::sources::SourceStatus>),
-    /// An MQTT source connected without its session (the broker lost it): its receipts describe
-    /// packet ids of the old session and must not match messages of the new one.
-    SessionLost(String),
-}
 
 /// Settings of the writer, resolved from the config.
 #[derive(Debug, Clone)]
@@ -167,7 +154,7 @@ pub struct Writer {
     last_checkpoint: Instant,
     last_housekeeping: Instant,
     /// Sources' status waiting to be stored.
-    pending_status: Option<Vec<crate::sources::SourceStatus>>,
+    pending_status: Option<Vec<crate::channel::SourceStatus>>,
     last_gc_bound: i64,
     committed_tx: watch::Sender<i64>,
     stats: Arc<WriterStats>,
@@ -573,7 +560,7 @@ impl Writer {
 
     /// Stores the sources' status (one upsert per source, one transaction). A failure is logged
     /// and otherwise ignored: status is for display, never needed for delivery.
-    fn write_status(&mut self, status: &[crate::sources::SourceStatus]) {
+    fn write_status(&mut self, status: &[crate::channel::SourceStatus]) {
         let now = crate::telemetry::now_ms();
         let res = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;

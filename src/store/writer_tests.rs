@@ -4,10 +4,10 @@
 use super::outbox;
 use super::writer::{Writer, WriterMsg, WriterSettings, WriterStats};
 use super::{Mode, Options, open};
+use crate::channel::{Ack, Envelope, MqttReceipt};
 use crate::config::StartFrom;
 use crate::diff::DiffPolicy;
 use crate::model::{Event, Fixed, Mode as TMode, Observation, Reported, TempUnit, Temperature};
-use crate::sources::{Ack, Envelope, MqttReceipt};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
