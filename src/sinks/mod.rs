@@ -1,4 +1,6 @@
-//! Sinks: the one delivery loop shared by every sink kind, plus the kinds' transports.
+//! Sinks: the one delivery loop (the runner) shared by every sink kind, plus the kinds'
+//! transports. A kind is a [`Transport`] (batch → outcome) and a [`RunnerSettings`] built from its
+//! config; [`Sink`] runs any of them. Today: HTTP batches ([`HttpSink`]).
 //!
 //! Loop: wait for the retry time or a new commit mark, read a batch at the sink's own cursor
 //! (its own connection), move expired events to dead letters, deliver, record the verdict.
@@ -56,12 +58,85 @@ pub enum Error {
     Build(#[from] http::BuildError),
 }
 
-/// A configured HTTP sink, ready to run.
-pub struct HttpSink {
-    cfg: HttpSinkConfig,
-    transport: http::HttpTransport,
-    policy: RetryPolicy,
+/// A sink kind's wire: turns one batch into an [`delivery::Outcome`]. Everything else (cursor,
+/// batching, retries, TTL, dead letters, holds, statistics) is the runner's, the same for every
+/// kind.
+pub trait Transport: Send + Sync + 'static {
+    /// Bytes a request adds around the events (counted against `batch_max_bytes`).
+    fn wrapper_bytes(&self) -> usize;
+    /// Delivers one batch, in commit order. Never panics on network input.
+    fn deliver(
+        &self,
+        events: &[outbox::StoredEvent],
+    ) -> impl std::future::Future<Output = delivery::Outcome> + Send;
 }
+
+impl Transport for http::HttpTransport {
+    fn wrapper_bytes(&self) -> usize {
+        http::HttpTransport::wrapper_bytes(self)
+    }
+
+    fn deliver(
+        &self,
+        events: &[outbox::StoredEvent],
+    ) -> impl std::future::Future<Output = delivery::Outcome> + Send {
+        http::HttpTransport::deliver(self, events)
+    }
+}
+
+/// What the runner needs to know of a sink's configuration, whatever its kind.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// The sink's name (its `sinks` row and cursor).
+    pub name: String,
+    /// `kind` of its `sinks` row (`http`, …).
+    pub kind: &'static str,
+    /// Events per request.
+    pub batch_max_events: usize,
+    /// Bytes per request body.
+    pub batch_max_bytes: usize,
+    /// Per-request timeout (for the log line when a timeout halves the batch).
+    pub request_timeout_ms: u64,
+    /// Events older than this become dead letters `expired`.
+    pub ttl_secs: u64,
+    /// Rejected events in a row after which the sink holds.
+    pub max_consecutive_rejected: u32,
+    /// Where a sink new to the database starts.
+    pub from: crate::config::StartFrom,
+    /// Retry schedule and hold statuses.
+    pub policy: RetryPolicy,
+}
+
+impl RunnerSettings {
+    /// The runner settings of a `[[sinks.http]]`.
+    pub fn http(cfg: &HttpSinkConfig) -> RunnerSettings {
+        RunnerSettings {
+            name: cfg.name.clone(),
+            kind: "http",
+            batch_max_events: cfg.batch_max_events,
+            batch_max_bytes: cfg.batch_max_bytes,
+            request_timeout_ms: cfg.request_timeout_ms,
+            ttl_secs: cfg.ttl_secs,
+            max_consecutive_rejected: cfg.max_consecutive_rejected,
+            from: cfg.from,
+            policy: RetryPolicy {
+                schedule_secs: cfg.retry_schedule_secs.clone(),
+                jitter_fraction: 0.2,
+                max_retry_after_secs: 3600,
+                hold_statuses: cfg.hold_statuses.clone(),
+            },
+        }
+    }
+}
+
+/// A configured sink, ready to run: the shared runner settings and its kind's transport.
+pub struct Sink<T: Transport> {
+    cfg: RunnerSettings,
+    transport: T,
+}
+
+/// An HTTP batch sink.
+pub type HttpSink = Sink<http::HttpTransport>;
 
 /// What the delivery loop needs besides the sink itself.
 pub struct SinkContext {
@@ -84,17 +159,14 @@ impl HttpSink {
     /// The sink's config problem, naming it.
     pub fn new(cfg: HttpSinkConfig, gateway: &str) -> Result<HttpSink, Error> {
         let transport = http::HttpTransport::new(&cfg, gateway)?;
-        let policy = RetryPolicy {
-            schedule_secs: cfg.retry_schedule_secs.clone(),
-            jitter_fraction: 0.2,
-            max_retry_after_secs: 3600,
-            hold_statuses: cfg.hold_statuses.clone(),
-        };
-        Ok(HttpSink {
-            cfg,
-            transport,
-            policy,
-        })
+        Ok(Sink::with_transport(RunnerSettings::http(&cfg), transport))
+    }
+}
+
+impl<T: Transport> Sink<T> {
+    /// A sink of any kind: its runner settings and its transport.
+    pub fn with_transport(cfg: RunnerSettings, transport: T) -> Sink<T> {
+        Sink { cfg, transport }
     }
 
     /// Runs the delivery loop until `shutdown` is cancelled (or the writer is gone and the
@@ -221,8 +293,8 @@ fn stamped_unsynced(payload: &str) -> bool {
     )
 }
 
-struct Runner {
-    sink: HttpSink,
+struct Runner<T: Transport> {
+    sink: Sink<T>,
     ctx: SinkContext,
     batch: BatchControl,
     /// Events dead-lettered one by one in a row (reset by any delivery).
@@ -230,10 +302,11 @@ struct Runner {
     store_failures: u32,
 }
 
-impl Runner {
+impl<T: Transport> Runner<T> {
     /// Opens the database off the async workers and loads (or creates) the sink's row.
     async fn open(&self) -> Result<LoopState, Error> {
         let name = self.sink.cfg.name.clone();
+        let kind = self.sink.cfg.kind;
         let (db, opts, from) = (
             self.ctx.db.clone(),
             self.ctx.opts.clone(),
@@ -250,7 +323,7 @@ impl Runner {
                     source,
                 })?;
             let now = crate::telemetry::now_ms();
-            let row = outbox::ensure_sink(&conn, &db, &n, "http", from, now)?;
+            let row = outbox::ensure_sink(&conn, &db, &n, kind, from, now)?;
             Ok((conn, row))
         })
         .await
@@ -385,7 +458,7 @@ impl Runner {
                 .saturating_add(1);
             let verdict = classify(
                 &outcome,
-                &self.sink.policy,
+                &self.sink.cfg.policy,
                 failures,
                 fastrand::f64(),
                 std::time::SystemTime::now(),
@@ -468,7 +541,7 @@ impl Runner {
                     }
                     let reason = format!("{REJECTING_EVERY_EVENT}: http {status}: {snippet}");
                     let delay_ms =
-                        delivery::backoff_ms(&self.sink.policy, failures, fastrand::f64());
+                        delivery::backoff_ms(&self.sink.cfg.policy, failures, fastrand::f64());
                     st.hold(failures, delay_ms, reason, now, cursor).await?;
                 }
                 Verdict::Permanent { status, snippet } => {
