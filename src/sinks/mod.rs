@@ -44,6 +44,9 @@ const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 /// Start of `last_error` while a sink holds because its receiver rejects every event.
 const REJECTING_EVERY_EVENT: &str = "rejecting every event";
 
+/// How often a sink disabled by a technician looks whether it was enabled again.
+const CONTROL_POLL: Duration = Duration::from_secs(1);
+
 /// Longest wait before a sink tries again after a store error.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -387,6 +390,36 @@ impl<T: Transport> Runner<T> {
                 st.dirty = true;
                 st.flush(false).await?;
                 continue;
+            }
+            // A technician's switch (`sink_control`), which the daemon only reads: a disabled
+            // sink holds its events (nothing is skipped) and looks again every second.
+            let me = name.clone();
+            let control = st
+                .blocking(move |c, p| outbox::sink_control(c, p, &me))
+                .await??;
+            if let Some(ctl) = control.filter(|c| !c.enabled) {
+                if st.row.status != outbox::STATUS_PAUSED {
+                    tracing::warn!(sink = %name, note = ?ctl.note, by = ?ctl.updated_by,
+                        "Sink disabled by a technician; its events are held until it is enabled");
+                    st.row.status = outbox::STATUS_PAUSED.to_string();
+                    st.row.last_error = Some(match &ctl.note {
+                        Some(n) => format!("disabled by a technician: {n}"),
+                        None => "disabled by a technician".to_string(),
+                    });
+                    st.dirty = true;
+                    st.flush(true).await?;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(CONTROL_POLL) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            if st.row.status == outbox::STATUS_PAUSED {
+                tracing::info!(sink = %name, "Sink enabled again by a technician; delivering what it held");
+                st.row.status = outbox::STATUS_ACTIVE.to_string();
+                st.row.last_error = None;
+                st.dirty = true;
             }
             let cursor = st.row.cursor;
             let (max_n, max_b) = (

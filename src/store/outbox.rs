@@ -31,6 +31,66 @@ pub struct StoredEvent {
 
 /// Delivery status of a sink.
 pub const STATUS_ACTIVE: &str = "ACTIVE";
+/// Status of a sink a technician disabled (`sink_control.enabled = 0`): events are held.
+pub const STATUS_PAUSED: &str = "PAUSED";
+
+/// What a technician set for a sink (`sink_control`); the daemon only reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SinkControl {
+    pub enabled: bool,
+    pub note: Option<String>,
+    pub updated_at: i64,
+    pub updated_by: Option<String>,
+}
+
+/// The technician's settings for sink `name`, if any were ever set.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn sink_control(
+    conn: &Connection,
+    path: &Path,
+    name: &str,
+) -> Result<Option<SinkControl>, Error> {
+    conn.query_row(
+        "SELECT enabled, note, updated_at, updated_by FROM sink_control WHERE name = ?1",
+        [name],
+        |r| {
+            Ok(SinkControl {
+                enabled: r.get::<_, i64>(0)? != 0,
+                note: r.get(1)?,
+                updated_at: r.get(2)?,
+                updated_by: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(ctx(path))
+}
+
+/// Sets a sink's technician settings (enabled or not, with a note and who did it). Only the
+/// technician's side writes this table; the daemon applies it within a second.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn set_sink_control(
+    conn: &Connection,
+    path: &Path,
+    name: &str,
+    enabled: bool,
+    note: Option<&str>,
+    by: Option<&str>,
+    now: i64,
+) -> Result<(), Error> {
+    conn.execute(
+        "INSERT INTO sink_control (name, enabled, note, updated_at, updated_by) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(name) DO UPDATE SET enabled = excluded.enabled, note = excluded.note,
+           updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        params![name, i64::from(enabled), note, now, by],
+    )
+    .map_err(ctx(path))?;
+    Ok(())
+}
 
 /// A sink's persisted progress and status (mirrors its `sinks` row).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -261,6 +321,8 @@ pub struct SinkQueue {
     /// Age of the oldest pending event, ms (by its observation time).
     pub oldest_pending_age_ms: Option<i64>,
     pub dead_letters: i64,
+    /// What a technician set for it, if anything.
+    pub control: Option<SinkControl>,
 }
 
 /// What `hvac-edge queue stats` shows.
@@ -311,7 +373,9 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
                 |r| r.get(0),
             )
             .map_err(&c)?;
+        let control = sink_control(conn, path, &row.name)?;
         sinks.push(SinkQueue {
+            control,
             row,
             pending,
             oldest_pending_age_ms: oldest.map(|o| now.saturating_sub(o).max(0)),

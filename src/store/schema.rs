@@ -26,6 +26,12 @@
 //!   when it was written, or the `pos` of the event it was carried from by garbage collection or
 //!   eviction), so that receipts are loaded, trimmed and kept in commit order: the newest survive.
 
+//!
+//! Added in v4:
+//! - `sink_control`: what a technician sets for a sink (enabled or not, a note, who and when).
+//!   The daemon only reads it; its own status stays in `sinks`, so a technician's write is never
+//!   overwritten by the daemon's next save.
+
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -99,5 +105,15 @@ CREATE TABLE source_status (
     r#"
 ALTER TABLE mqtt_recent ADD COLUMN pos INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX mqtt_recent_by_pos ON mqtt_recent (pos);
+"#,
+    // v4: technician-owned sink settings, apart from the daemon-owned `sinks` row.
+    r#"
+CREATE TABLE sink_control (
+    name TEXT PRIMARY KEY,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    note TEXT,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT
+);
 "#,
 ];

@@ -577,3 +577,80 @@ async fn a_broker_restarted_without_its_sessions_voids_the_old_receipts_and_even
     );
     s.daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_disabled_by_a_technician_holds_its_events_and_the_daemon_never_undoes_the_switch() {
+    let sb = Sandbox::new("sink_control");
+    let mut s = setup(&sb, Reply::ok(), |_| {}).await;
+    let path = s.tc.db_path();
+    let db = publish_events(&mut s, &["trv"], 1).await;
+    s.receiver.wait_unique_events(1, TIMEOUT).await;
+    // The technician's side (the CLI, later) writes only `sink_control`.
+    let tech = rusqlite::Connection::open(&path).unwrap();
+    tech.busy_timeout(Duration::from_secs(5)).unwrap();
+    hvac_edge::store::outbox::set_sink_control(
+        &tech,
+        &path,
+        "upstream",
+        false,
+        Some("receiver maintenance"),
+        Some("tech-1"),
+        now_ms(),
+    )
+    .unwrap();
+    let topic = format!("{}/trv", s.tc.base_topic());
+    for sp in [21.0, 21.5, 22.0] {
+        s.publisher.publish(&topic, trv_state(sp), false).await;
+    }
+    wait_until_async("four events committed", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM events") == 4
+    })
+    .await;
+    wait_until_async("the sink shows the technician's switch", TIMEOUT, || {
+        db.sink("upstream").is_some_and(|r| {
+            r.last_error.as_deref() == Some("disabled by a technician: receiver maintenance")
+        })
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM sinks WHERE name = 'upstream' AND status = 'PAUSED'"),
+        1
+    );
+    // The daemon saved its own row since (status, last_error): the switch is still the
+    // technician's, with their note and name.
+    let ctl = hvac_edge::store::outbox::sink_control(&tech, &path, "upstream")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ctl.enabled, ctl.note.as_deref(), ctl.updated_by.as_deref()),
+        (false, Some("receiver maintenance"), Some("tech-1"))
+    );
+    assert_eq!(
+        s.receiver.unique_events().len(),
+        1,
+        "nothing sent while disabled"
+    );
+    assert_eq!(
+        db.sink("upstream").unwrap().cursor,
+        1,
+        "nothing skipped either"
+    );
+
+    hvac_edge::store::outbox::set_sink_control(
+        &tech,
+        &path,
+        "upstream",
+        true,
+        None,
+        Some("tech-1"),
+        now_ms(),
+    )
+    .unwrap();
+    let unique = s.receiver.wait_unique_events(4, TIMEOUT).await;
+    assert_eq!(ids(&unique), row_ids(&db));
+    wait_until_async("active again", TIMEOUT, || {
+        db.count("SELECT COUNT(*) FROM sinks WHERE name = 'upstream' AND status = 'ACTIVE' AND last_error IS NULL") == 1
+    })
+    .await;
+    s.daemon.stop().await.unwrap();
+}
