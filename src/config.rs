@@ -1337,52 +1337,79 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
 /// # Errors
 /// A message naming the file and what is wrong (never its content).
 pub fn read_private_file(path: &Path, max_bytes: u64) -> Result<(PathBuf, Vec<u8>), String> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let path = resolve_secret_path(path)?;
+    let shown = path.display().to_string();
+    let buf = read_regular_file(
+        &path,
+        "",
+        max_bytes,
+        |meta| {
+            let mode = meta.mode();
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "{shown} is accessible by group or others (mode {:o}); run chmod 600 {shown}",
+                    mode & 0o777,
+                ));
+            }
+            // SAFETY: geteuid(2) has no preconditions and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            if meta.uid() != euid && meta.uid() != 0 {
+                return Err(format!(
+                    "{shown} is owned by uid {}; it must be owned by the user running hvac-edge \
+                     (uid {euid}) or by root",
+                    meta.uid()
+                ));
+            }
+            Ok(())
+        },
+        &|| format!("{shown} is larger than {max_bytes} bytes; it must hold only the secret"),
+    )?;
+    Ok((path, buf))
+}
+
+/// Reads a file named in the configuration (secrets, certificates, Modbus maps) the one safe
+/// way: opened once without blocking (a FIFO or device is refused, never waited on or read
+/// endlessly), checked on the open descriptor (a regular file; then `check`), at most
+/// `max_bytes` (one byte more is read, so that a file that grew since fstat is noticed).
+/// Messages name the file as `{label}{path}`; `too_big` is the message past the size.
+///
+/// # Errors
+/// A message naming the file and what is wrong (never its content).
+pub fn read_regular_file(
+    path: &Path,
+    label: &str,
+    max_bytes: u64,
+    check: impl FnOnce(&std::fs::Metadata) -> Result<(), String>,
+    too_big: &dyn Fn() -> String,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&path)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+        .open(path)
+        .map_err(|e| format!("cannot read {label}{shown}: {e}"))?;
     // fstat(2) on the descriptor just opened.
     let meta = file
         .metadata()
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+        .map_err(|e| format!("cannot read {label}{shown}: {e}"))?;
     if !meta.file_type().is_file() {
-        return Err(format!("{shown} is not a regular file"));
+        return Err(format!("{label}{shown} is not a regular file"));
     }
-    let mode = meta.mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{shown} is accessible by group or others (mode {:o}); run chmod 600 {shown}",
-            mode & 0o777,
-        ));
-    }
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if meta.uid() != euid && meta.uid() != 0 {
-        return Err(format!(
-            "{shown} is owned by uid {}; it must be owned by the user running hvac-edge (uid \
-             {euid}) or by root",
-            meta.uid()
-        ));
-    }
-    let too_big =
-        || format!("{shown} is larger than {max_bytes} bytes; it must hold only the secret");
+    check(&meta)?;
     if meta.len() > max_bytes {
         return Err(too_big());
     }
-    // One byte more than allowed, so that a file that grew since fstat is noticed.
     let mut buf = Vec::new();
-    file.take(max_bytes + 1)
+    file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+        .map_err(|e| format!("cannot read {label}{shown}: {e}"))?;
     if buf.len() as u64 > max_bytes {
         return Err(too_big());
     }
-    Ok((path, buf))
+    Ok(buf)
 }
 
 /// Replaces the userinfo of every URL in `text` (`https://user:pass@host` → `https://***@host`),

@@ -7,7 +7,6 @@
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
-use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Once};
 
@@ -126,30 +125,13 @@ pub fn client_config(files: ClientFiles<'_>) -> Result<ClientConfig, Vec<FileErr
 /// is refused, not waited on), a regular file of at most [`MAX_PEM_FILE_BYTES`]. A bare name
 /// is a systemd credential ([`crate::config::resolve_secret_path`]).
 fn read_public(path: &Path) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = crate::config::resolve_secret_path(path)?;
     let shown = path.display();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&path)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !meta.file_type().is_file() {
-        return Err(format!("{shown} is not a regular file"));
-    }
-    let mut buf = Vec::new();
-    file.take(MAX_PEM_FILE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if buf.len() as u64 > MAX_PEM_FILE_BYTES {
-        return Err(format!(
+    crate::config::read_regular_file(&path, "", MAX_PEM_FILE_BYTES, |_| Ok(()), &|| {
+        format!(
             "{shown} is larger than {MAX_PEM_FILE_BYTES} bytes; it must hold PEM certificates only"
-        ));
-    }
-    Ok(buf)
+        )
+    })
 }
 
 /// Why a PEM text did not decode, without quoting it (a key file's lines are secret).

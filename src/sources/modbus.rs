@@ -185,27 +185,15 @@ pub fn load_map(name_or_path: &str) -> Result<RegisterMap, String> {
 /// Largest map file read (a real map is a few KiB).
 const MAX_MAP_BYTES: u64 = 1024 * 1024;
 
-/// Reads a map file: a regular file of at most [`MAX_MAP_BYTES`], UTF-8. A device node, FIFO or
-/// directory is refused before anything is read (`map = "/dev/zero"` must not read forever).
+/// Reads a map file: a regular file of at most [`MAX_MAP_BYTES`], UTF-8
+/// ([`crate::config::read_regular_file`]: a device node, FIFO or directory is refused before
+/// anything is read, so `map = "/dev/zero"` cannot read for ever).
 fn read_map_file(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Read as _;
     let shown = path.display();
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot read map file {shown}: {e}"))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| format!("cannot read map file {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("map file {shown} is not a regular file"));
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_MAP_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read map file {shown}: {e}"))?;
-    if buf.len() as u64 > MAX_MAP_BYTES {
-        return Err(format!(
-            "map file {shown} is larger than {MAX_MAP_BYTES} bytes"
-        ));
-    }
+    let buf =
+        crate::config::read_regular_file(path, "map file ", MAX_MAP_BYTES, |_| Ok(()), &|| {
+            format!("map file {shown} is larger than {MAX_MAP_BYTES} bytes")
+        })?;
     String::from_utf8(buf).map_err(|_| format!("map file {shown} is not UTF-8 text"))
 }
 
