@@ -158,4 +158,29 @@ pub enum WriterMsg {
     /// An MQTT source connected without its session (the broker lost it): its receipts describe
     /// packet ids of the old session and must not match messages of the new one.
     SessionLost(String),
+    /// A sink was banned, disabled, enabled or recovered: committed as an `operational` event
+    /// of the gateway, so the other sinks tell the cloud (which cannot alert on a webhook that
+    /// stopped receiving from what never arrives).
+    Operational(OperationalNote),
+}
+
+/// Device id of the gateway's own `operational` events; reserved, so no source can claim it.
+pub const GATEWAY_DEVICE: &str = "@gateway";
+
+/// A change of a sink's delivery health.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OperationalNote {
+    /// The sink's name.
+    pub sink: String,
+    /// Its kind (`http`, `webhook`, `mqtt`).
+    pub kind: String,
+    /// `banned`, `disabled`, `enabled` or `recovered`.
+    pub state: String,
+    /// Why, in words (the last error, or who re-enabled it).
+    pub reason: String,
+    /// Consecutive failures at that moment.
+    pub failures: i64,
+    /// End of the ban (RFC 3339), for `banned`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub banned_until: Option<String>,
 }

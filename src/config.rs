@@ -6,12 +6,17 @@
 //! secret files it names; never sockets.
 
 mod serial;
+mod sinks;
 
 use crate::model::TempUnit;
 use serde::Deserialize;
 pub use serial::{
     JsonlSourceConfig, ModbusSourceConfig, ModbusUnitConfig, OtgwSourceConfig, OverrideModes,
     Parity, SerialLine, valid_otgw_command,
+};
+pub(crate) use sinks::some_path;
+pub use sinks::{
+    MqttSinkConfig, TokenAuth, WebhookAuth, WebhookFormat, WebhookMethod, WebhookSinkConfig,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -356,6 +361,32 @@ pub struct SimulatorConfig {
 pub struct SinksConfig {
     #[serde(default)]
     pub http: Vec<HttpSinkConfig>,
+    #[serde(default)]
+    pub webhook: Vec<WebhookSinkConfig>,
+    #[serde(default)]
+    pub mqtt: Vec<MqttSinkConfig>,
+}
+
+impl SinksConfig {
+    /// Names of every configured sink, of every kind (their cursors hold events back from GC).
+    pub fn names(&self) -> Vec<String> {
+        self.http
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(self.webhook.iter().map(|s| s.name.clone()))
+            .chain(self.mqtt.iter().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    /// How many sinks are configured.
+    pub fn len(&self) -> usize {
+        self.http.len() + self.webhook.len() + self.mqtt.len()
+    }
+
+    /// Whether no sink is configured.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// `[[sinks.http]]`: batched HTTPS ingest upstream.
@@ -1089,6 +1120,16 @@ impl Config {
                     "must be a non-empty header value",
                 );
             }
+        }
+        for (i, s) in self.sinks.webhook.iter().enumerate() {
+            let k = format!("sinks.webhook[{i}]");
+            unique_name(p, &mut names, &k, &s.name);
+            sinks::validate_webhook(p, &k, s);
+        }
+        for (i, s) in self.sinks.mqtt.iter().enumerate() {
+            let k = format!("sinks.mqtt[{i}]");
+            unique_name(p, &mut names, &k, &s.name);
+            sinks::validate_mqtt(p, &k, s);
         }
     }
 

@@ -9,7 +9,17 @@
 
 use crate::clock::ClockSteps;
 use crate::config::Config;
-use crate::sinks::{HttpSink, SinkContext};
+use crate::sinks::{HttpSink, MqttSink, SinkContext, WebhookSink};
+
+/// A sink's delivery loop, whatever its kind.
+type SinkRun = Box<
+    dyn FnOnce(
+            SinkContext,
+            CancellationToken,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), crate::sinks::Error>> + Send>,
+        > + Send,
+>;
 use crate::sources::jsonl::JsonlLines;
 use crate::sources::modbus_source::ModbusSource;
 use crate::sources::mqtt::MqttSource;
@@ -141,7 +151,7 @@ async fn run_once(
         commit_delay: Duration::from_millis(cfg.pipeline.commit_delay_ms),
         snapshot_interval_ms: (cfg.pipeline.snapshot_interval_secs as i64).saturating_mul(1000),
         checkpoint_interval: Duration::from_secs(cfg.pipeline.checkpoint_interval_secs),
-        sinks: cfg.sinks.http.iter().map(|s| s.name.clone()).collect(),
+        sinks: cfg.sinks.names(),
         max_bytes: cfg.store.max_bytes,
         max_events: cfg.store.max_events,
         max_devices: cfg.pipeline.max_devices,
@@ -202,27 +212,45 @@ async fn run_once(
     // exit 1 and let systemd restart it, rather than run on without delivering (style.md §2.4).
     let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(16);
 
-    for s in cfg.sinks.http.clone() {
-        let name = s.name.clone();
-        let sink = HttpSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
+    // Every sink kind runs in the same runner; a sink that stops on its own stops the daemon.
+    let notes = obs_tx.downgrade();
+    let spawn_sink = |name: String, run: SinkRun| {
         let ctx = SinkContext {
             db: db.clone(),
             opts: opts.clone(),
             committed: committed_rx.clone(),
             clock: clock.clone(),
             clock_source: cfg.gateway.clock,
+            notes: Some(notes.clone()),
         };
         let tok = sinks_token.clone();
         let fail = fail_tx.clone();
         sinks.spawn(async move {
-            let res = match tokio::spawn(sink.run(ctx, tok)).await {
+            let res = match tokio::spawn(run(ctx, tok)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => anyhow::Error::new(e),
                 Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
             };
             let _ = fail.send(res.context(format!("sink {name} stopped"))).await;
         });
+    };
+    for s in cfg.sinks.http.clone() {
+        let name = s.name.clone();
+        let sink = HttpSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
+    }
+    for s in cfg.sinks.webhook.clone() {
+        let name = s.name.clone();
+        let sink = WebhookSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
+    }
+    for s in cfg.sinks.mqtt.clone() {
+        let name = s.name.clone();
+        let sink = MqttSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
     }
     for s in cfg.sources.mqtt.clone() {
         let name = s.name.clone();
@@ -329,7 +357,7 @@ async fn run_once(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         gateway = %cfg.gateway.id, db = %db.display(), devices = devices_at_start,
-        sources = source_stats.len(), sinks = cfg.sinks.http.len(), "hvac-edge running"
+        sources = source_stats.len(), sinks = cfg.sinks.len(), "hvac-edge running"
     );
     if let Some(r) = ready {
         let _ = r.send(Handles {

@@ -188,6 +188,22 @@ impl Field {
     }
 }
 
+/// Every `type` an event can have: the fields, `snapshot`, and `operational` (the gateway's own
+/// notes, e.g. a sink banned or recovered).
+pub const EVENT_TYPES: [&str; 11] = [
+    "function",
+    "mode",
+    "setpoint",
+    "program",
+    "activation_time",
+    "load_state",
+    "temperature",
+    "humidity",
+    "connectivity",
+    "snapshot",
+    "operational",
+];
+
 /// Full canonical state of one device; `None` means "never reported".
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

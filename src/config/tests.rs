@@ -1976,14 +1976,257 @@ fn unknown_key_in_sinks_http_is_rejected() {
 #[test]
 fn source_and_sink_kinds_of_later_releases_are_rejected() {
     assert_unknown_key(
-        &format!("{GATEWAY}[[sinks.webhook]]\nname = \"portal\"\n"),
-        "webhook",
-        3,
-    );
-    assert_unknown_key(
         &format!("{GATEWAY}[metrics]\nlisten = \"127.0.0.1:9464\"\n"),
         "metrics",
         3,
+    );
+}
+
+fn webhook(url: &str, extra: &str) -> String {
+    format!("[[sinks.webhook]]\nname = \"portal\"\nurl = \"{url}\"\n{extra}")
+}
+
+#[test]
+fn a_webhook_sink_gets_the_vendor_rules_as_defaults() {
+    let cfg: Config = toml::from_str(&format!(
+        "{GATEWAY}{}",
+        webhook(
+            "https://portal.example.com/hooks/{plant_id}/{device_id}",
+            ""
+        )
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.validate().is_ok());
+    let w = &cfg.sinks.webhook[0];
+    assert_eq!(
+        (
+            w.failure_timeout_ms,
+            w.failure_status_min,
+            w.batch_max_events
+        ),
+        (750, 300, 1)
+    );
+    assert_eq!(w.retry_schedule_secs, vec![10, 30, 60, 300, 600]);
+    assert_eq!(
+        (
+            w.ttl_secs,
+            w.ban_every_failures,
+            w.ban_step_secs,
+            w.ban_max_secs
+        ),
+        (86_400, 20, 60, 1200)
+    );
+    assert_eq!((w.failure_limit, w.drop_during_ban), (100, false));
+    assert_eq!(w.hold_statuses, DEFAULT_HOLD_STATUSES.to_vec());
+    assert_eq!(
+        (w.format, w.auth, w.method),
+        (
+            WebhookFormat::Native,
+            WebhookAuth::None,
+            WebhookMethod::Post
+        )
+    );
+    assert_eq!(cfg.sinks.names(), vec!["portal".to_string()]);
+}
+
+#[test]
+fn webhook_urls_are_https_with_placeholders_only_in_path_and_query() {
+    assert_problems(
+        &webhook("http://portal.example.com/h", ""),
+        &[(
+            "sinks.webhook[0].url",
+            "plain http:// is refused for non-loopback hosts; use https://",
+        )],
+    );
+    assert_problems(
+        &webhook("http://127.0.0.1:9/h", ""),
+        &[(
+            "sinks.webhook[0].url",
+            "plain http:// needs allow_insecure_http = true (accepted for loopback hosts only)",
+        )],
+    );
+    assert_valid(&webhook(
+        "http://127.0.0.1:9/h/{device_id}?t={type}",
+        "allow_insecure_http = true\n",
+    ));
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        webhook("https://{device_id}.example.com/h", "")
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sinks.webhook[0].url");
+    assert!(got[0].problem.contains("path"), "{}", got[0].problem);
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        webhook("https://x.example.com/{device}", "")
+    ));
+    assert!(got[0].problem.contains("{device}"), "{}", got[0].problem);
+    assert_problems(
+        &webhook(
+            "https://x.example.com/{device_id}",
+            "batch_max_events = 5\n",
+        ),
+        &[(
+            "sinks.webhook[0].batch_max_events",
+            "must be 1 when the url has placeholders (each event may go to another URL)",
+        )],
+    );
+}
+
+#[test]
+fn webhook_body_templates_must_give_json_and_filters_name_real_types() {
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        webhook(
+            "https://x.example.com/h",
+            "format = \"template\"\nbody = '{\"d\":{device_id}}'\n"
+        )
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sinks.webhook[0].body");
+    assert!(
+        got[0].problem.contains("invalid JSON"),
+        "{}",
+        got[0].problem
+    );
+    assert_valid(&webhook(
+        "https://x.example.com/h",
+        "format = \"template\"\nbody = '{\"d\":\"{device_id}\",\"e\":{event}}'\n",
+    ));
+    assert_problems(
+        &webhook("https://x.example.com/h", "format = \"template\"\n"),
+        &[(
+            "sinks.webhook[0].body",
+            "format = \"template\" needs a body template, e.g. body = '{\"device\":\"{device_id}\"}'",
+        )],
+    );
+    let got = problems_of(&format!(
+        "{GATEWAY}{}",
+        webhook(
+            "https://x.example.com/h",
+            "types = [\"setpoint\", \"temprature\"]\n"
+        )
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, "sinks.webhook[0].types[1]");
+    assert!(
+        got[0]
+            .problem
+            .starts_with("\"temprature\" is not an event type; known: function,")
+    );
+}
+
+#[test]
+fn webhook_auth_needs_exactly_the_keys_of_its_scheme() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let key = secret_file(&dir, "k", "abc", 0o600);
+    assert_problems(
+        &webhook("https://x.example.com/h", "auth = \"api_key\"\n"),
+        &[
+            (
+                "sinks.webhook[0].api_key_header",
+                "auth = \"api_key\" needs api_key_header (e.g. \"x-api-key\") or api_key_query",
+            ),
+            (
+                "sinks.webhook[0].api_key_file",
+                "auth = \"api_key\" needs api_key_file or api_key_env",
+            ),
+        ],
+    );
+    assert_valid(&webhook(
+        "https://x.example.com/h",
+        &format!(
+            "auth = \"api_key\"\napi_key_header = \"Ocp-Apim-Subscription-Key\"\napi_key_file = {}\n",
+            toml_path(&key)
+        ),
+    ));
+    assert_problems(
+        &webhook(
+            "https://x.example.com/h",
+            &format!("api_key_file = {}\n", toml_path(&key)),
+        ),
+        &[(
+            "sinks.webhook[0].api_key_file",
+            "is not used with auth = \"none\"; remove it or change auth",
+        )],
+    );
+    assert_problems(
+        &webhook(
+            "https://x.example.com/h",
+            "auth = \"oauth2_client_credentials\"\ntoken_url = \"http://auth.example.com/t\"\n",
+        ),
+        &[
+            (
+                "sinks.webhook[0].token_url",
+                "plain http:// is refused for non-loopback hosts; use https://",
+            ),
+            (
+                "sinks.webhook[0].client_id",
+                "auth = \"oauth2_client_credentials\" needs client_id",
+            ),
+            (
+                "sinks.webhook[0].client_secret_file",
+                "auth = \"oauth2_client_credentials\" needs client_secret_file or client_secret_env",
+            ),
+        ],
+    );
+    assert_valid(&webhook(
+        "https://x.example.com/h",
+        &format!(
+            "auth = \"oauth2_refresh_token\"\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"c\"\nrefresh_token_file = {}\nsigning_secret_env = \"{SET_VAR}\"\n",
+            toml_path(&key)
+        ),
+    ).replace(&format!("signing_secret_env = \"{SET_VAR}\"\n"), ""));
+    let prev = secret_file(&dir, "prev", WHSEC, 0o600);
+    assert_problems(
+        &webhook(
+            "https://x.example.com/h",
+            &format!("signing_secret_previous_file = {}\n", toml_path(&prev)),
+        ),
+        &[(
+            "sinks.webhook[0].signing_secret_previous_file",
+            "a previous secret needs the current one (signing_secret_file or signing_secret_env)",
+        )],
+    );
+    // config.md writes "no previous secret" as "".
+    let cur = secret_file(&dir, "cur", WHSEC, 0o600);
+    assert_valid(&webhook(
+        "https://x.example.com/h",
+        &format!(
+            "signing_secret_file = {}\nsigning_secret_previous_file = \"\"\n",
+            toml_path(&cur)
+        ),
+    ));
+}
+
+#[test]
+fn mqtt_upstream_needs_tls_except_on_loopback_and_names_are_unique_across_kinds() {
+    assert_problems(
+        "[[sinks.mqtt]]\nname = \"cloud\"\nhost = \"broker.example.com\"\ntls = false\n",
+        &[(
+            "sinks.mqtt[0].tls",
+            "false is accepted only for a loopback broker; the upstream broker needs TLS",
+        )],
+    );
+    assert_valid(
+        "[[sinks.mqtt]]\nname = \"cloud\"\nhost = \"127.0.0.1\"\ntls = false\nport = 1883\n",
+    );
+    assert_problems(
+        "[[sinks.mqtt]]\nname = \"cloud\"\nhost = \"127.0.0.1\"\ntls = false\ntopic = \"a/+/b\"\n",
+        &[(
+            "sinks.mqtt[0].topic",
+            "must not contain the wildcards + or # (a topic to publish to)",
+        )],
+    );
+    assert_problems(
+        &format!(
+            "{}[[sinks.mqtt]]\nname = \"portal\"\nhost = \"127.0.0.1\"\ntls = false\n",
+            webhook("https://x.example.com/h", "")
+        ),
+        &[(
+            "sinks.mqtt[0].name",
+            "\"portal\" is already used by sinks.webhook[0]",
+        )],
     );
 }
 

@@ -33,12 +33,48 @@ pub enum Outcome {
         /// Start of the response body, already passed through [`snippet`].
         snippet: String,
     },
+    /// The receiver acknowledged every event of the batch (MQTT: every PUBACK came back).
+    Acked,
     /// No answer within the request timeout.
     Timeout,
     /// The connection could not be made (DNS, TCP, TLS); the transport's message.
     Connect(String),
     /// Any other transport failure; the transport's message.
     Other(String),
+    /// The sink could not get credentials (e.g. the OAuth2 token endpoint failed): an endpoint
+    /// problem, held and retried.
+    Auth(String),
+    /// The events cannot be put in the sink's shape (a stored envelope that does not parse):
+    /// a fault of the events, treated like a rejection (bisected, then a dead letter).
+    Invalid(String),
+}
+
+/// The error kind of an attempt for the technician's record: `status`, `timeout`, `dns`,
+/// `tls`, `connect`, `auth`, `invalid` or `other`.
+#[must_use]
+pub fn error_kind(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Status { .. } => "status",
+        Outcome::Acked => "none",
+        Outcome::Timeout => "timeout",
+        Outcome::Connect(m) => {
+            let m = m.to_ascii_lowercase();
+            if m.contains("dns error")
+                || m.contains("failed to lookup")
+                || m.contains("name or service")
+            {
+                "dns"
+            } else if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
+                "tls"
+            } else {
+                "connect"
+            }
+        }
+        Outcome::Auth(_) => "auth",
+        Outcome::Invalid(_) => "invalid",
+        Outcome::Other(m) if m.to_ascii_lowercase().contains("certificate") => "tls",
+        Outcome::Other(_) => "other",
+    }
 }
 
 /// What the sink does with the event after an attempt.
@@ -87,6 +123,8 @@ pub struct RetryPolicy {
     /// Statuses that hold the events instead of rejecting them (endpoint problems).
     /// Default [`crate::config::DEFAULT_HOLD_STATUSES`].
     pub hold_statuses: Vec<u16>,
+    /// Statuses from 200 up to (not including) this are successes. Default 300.
+    pub failure_status_min: u16,
 }
 
 impl Default for RetryPolicy {
@@ -96,6 +134,7 @@ impl Default for RetryPolicy {
             jitter_fraction: 0.2,
             max_retry_after_secs: 3600,
             hold_statuses: crate::config::DEFAULT_HOLD_STATUSES.to_vec(),
+            failure_status_min: 300,
         }
     }
 }
@@ -213,7 +252,12 @@ pub fn classify(
 ) -> Verdict {
     let backoff = || backoff_ms(policy, consecutive_failures_after_this, jitter_unit);
     match outcome {
-        Outcome::Status { code, .. } if (200..300).contains(code) => Verdict::Delivered,
+        Outcome::Acked => Verdict::Delivered,
+        Outcome::Status { code, .. }
+            if *code >= 200 && *code < policy.failure_status_min.max(201) =>
+        {
+            Verdict::Delivered
+        }
         Outcome::Status {
             code,
             retry_after,
@@ -252,6 +296,14 @@ pub fn classify(
         Outcome::Other(msg) => Verdict::Retry {
             delay_ms: backoff(),
             reason: format!("error: {msg}"),
+        },
+        Outcome::Auth(msg) => Verdict::Retry {
+            delay_ms: backoff(),
+            reason: format!("auth: {msg}"),
+        },
+        Outcome::Invalid(msg) => Verdict::Permanent {
+            status: 0,
+            snippet: msg.clone(),
         },
     }
 }
@@ -715,7 +767,7 @@ mod tests {
             failures in any::<u32>(),
             unit in 0.0f64..1.0,
         ) {
-            let p = RetryPolicy { schedule_secs: schedule.clone(), jitter_fraction: fraction, max_retry_after_secs: 3600, hold_statuses: vec![] };
+            let p = RetryPolicy { schedule_secs: schedule.clone(), jitter_fraction: fraction, max_retry_after_secs: 3600, hold_statuses: vec![], failure_status_min: 300 };
             let effective = if schedule.is_empty() { vec![10] } else { schedule };
             let idx = (failures.saturating_sub(1) as usize).min(effective.len() - 1);
             let base = effective[idx] as f64 * 1000.0;

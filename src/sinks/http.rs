@@ -198,7 +198,7 @@ impl HttpTransport {
     }
 }
 
-async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
+pub(crate) async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
     let mut buf = Vec::new();
     while buf.len() < max {
         match resp.chunk().await {
@@ -210,7 +210,7 @@ async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
 }
 
 /// The error and its causes on one line, without the URL (its query may hold an API key).
-fn error_chain(e: reqwest::Error) -> String {
+pub(crate) fn error_chain(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut s = e.to_string();
     let mut src = std::error::Error::source(&e);

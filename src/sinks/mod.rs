@@ -17,12 +17,17 @@
 //! delivering (flash wear); after a crash the unpersisted tail is delivered again (same ids).
 //! On shutdown an in-flight request finishes within its own timeout; nothing new starts.
 
+pub mod c2c;
 pub mod delivery;
 pub mod http;
+pub mod mqtt;
+pub mod oauth2;
 pub mod signing;
+pub mod template;
+pub mod webhook;
 
 use crate::clock::ClockSteps;
-use crate::config::HttpSinkConfig;
+use crate::config::{HttpSinkConfig, MqttSinkConfig, WebhookSinkConfig};
 use crate::store::outbox::{self, DeadReason, SinkRow};
 use crate::store::{self, Options};
 use delivery::{RetryPolicy, Verdict, classify};
@@ -59,6 +64,10 @@ pub enum Error {
     Join { sink: String, message: String },
     #[error(transparent)]
     Build(#[from] http::BuildError),
+    #[error(transparent)]
+    BuildWebhook(#[from] webhook::BuildError),
+    #[error(transparent)]
+    BuildMqtt(#[from] mqtt::BuildError),
 }
 
 /// A sink kind's wire: turns one batch into an [`delivery::Outcome`]. Everything else (cursor,
@@ -72,6 +81,18 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         events: &[outbox::StoredEvent],
     ) -> impl std::future::Future<Output = delivery::Outcome> + Send;
+    /// Whether the sink wants `e` (its filters); the runner passes over the others.
+    fn accepts(&self, _e: &outbox::StoredEvent) -> bool {
+        true
+    }
+    /// Whether [`Transport::accepts`] can refuse anything (the runner then reads ahead).
+    fn filters(&self) -> bool {
+        false
+    }
+    /// Called once when the sink stops (e.g. the MQTT sink's retained `offline`).
+    fn close(&self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 impl Transport for http::HttpTransport {
@@ -84,6 +105,44 @@ impl Transport for http::HttpTransport {
         events: &[outbox::StoredEvent],
     ) -> impl std::future::Future<Output = delivery::Outcome> + Send {
         http::HttpTransport::deliver(self, events)
+    }
+}
+
+impl Transport for webhook::WebhookTransport {
+    fn wrapper_bytes(&self) -> usize {
+        webhook::WebhookTransport::wrapper_bytes(self)
+    }
+
+    fn deliver(
+        &self,
+        events: &[outbox::StoredEvent],
+    ) -> impl std::future::Future<Output = delivery::Outcome> + Send {
+        webhook::WebhookTransport::deliver(self, events)
+    }
+
+    fn accepts(&self, e: &outbox::StoredEvent) -> bool {
+        webhook::WebhookTransport::accepts(self, e)
+    }
+
+    fn filters(&self) -> bool {
+        webhook::WebhookTransport::filters(self)
+    }
+}
+
+impl Transport for mqtt::MqttTransport {
+    fn wrapper_bytes(&self) -> usize {
+        0
+    }
+
+    fn deliver(
+        &self,
+        events: &[outbox::StoredEvent],
+    ) -> impl std::future::Future<Output = delivery::Outcome> + Send {
+        mqtt::MqttTransport::deliver(self, events)
+    }
+
+    fn close(&self) -> impl std::future::Future<Output = ()> + Send {
+        mqtt::MqttTransport::close(self)
     }
 }
 
@@ -108,6 +167,20 @@ pub struct RunnerSettings {
     pub from: crate::config::StartFrom,
     /// Retry schedule and hold statuses.
     pub policy: RetryPolicy,
+    /// Ban and disable thresholds (webhook sinks); `None` = never banned or disabled.
+    pub ban: Option<delivery::BanPolicy>,
+    /// Events that arrive during a ban become dead letters `banned` instead of waiting.
+    pub drop_during_ban: bool,
+    /// Digest of the sink's configuration: a change re-enables a sink disabled after errors.
+    pub config_digest: String,
+}
+
+/// A short digest of a sink's configuration (its `Debug` form: paths and settings, never the
+/// secrets themselves, which are read from files).
+fn config_digest(cfg: &impl std::fmt::Debug) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{cfg:?}").as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 impl RunnerSettings {
@@ -127,7 +200,65 @@ impl RunnerSettings {
                 jitter_fraction: 0.2,
                 max_retry_after_secs: 3600,
                 hold_statuses: cfg.hold_statuses.clone(),
+                failure_status_min: 300,
             },
+            ban: None,
+            drop_during_ban: false,
+            config_digest: config_digest(cfg),
+        }
+    }
+
+    /// The runner settings of a `[[sinks.webhook]]`: the vendors' rules (750 ms, status ≥ 300,
+    /// bans, `failure_limit`), with events held rather than lost.
+    pub fn webhook(cfg: &WebhookSinkConfig) -> RunnerSettings {
+        RunnerSettings {
+            name: cfg.name.clone(),
+            kind: "webhook",
+            batch_max_events: cfg.batch_max_events,
+            batch_max_bytes: cfg.batch_max_bytes,
+            request_timeout_ms: cfg.failure_timeout_ms,
+            ttl_secs: cfg.ttl_secs,
+            max_consecutive_rejected: cfg.max_consecutive_rejected,
+            from: cfg.from,
+            policy: RetryPolicy {
+                schedule_secs: cfg.retry_schedule_secs.clone(),
+                jitter_fraction: 0.2,
+                max_retry_after_secs: 3600,
+                hold_statuses: cfg.hold_statuses.clone(),
+                failure_status_min: cfg.failure_status_min,
+            },
+            ban: Some(delivery::BanPolicy {
+                ban_every_failures: cfg.ban_every_failures,
+                ban_step_secs: cfg.ban_step_secs,
+                ban_max_secs: cfg.ban_max_secs,
+                failure_limit: cfg.failure_limit,
+            }),
+            drop_during_ban: cfg.drop_during_ban,
+            config_digest: config_digest(cfg),
+        }
+    }
+
+    /// The runner settings of a `[[sinks.mqtt]]`: a batch is at most the in-flight window.
+    pub fn mqtt(cfg: &MqttSinkConfig) -> RunnerSettings {
+        RunnerSettings {
+            name: cfg.name.clone(),
+            kind: "mqtt",
+            batch_max_events: usize::from(cfg.max_inflight.max(1)),
+            batch_max_bytes: 64 * 1024 * 1024,
+            request_timeout_ms: cfg.ack_timeout_ms,
+            ttl_secs: cfg.ttl_secs,
+            max_consecutive_rejected: u32::MAX,
+            from: cfg.from,
+            policy: RetryPolicy {
+                schedule_secs: cfg.retry_schedule_secs.clone(),
+                jitter_fraction: 0.2,
+                max_retry_after_secs: 3600,
+                hold_statuses: Vec::new(),
+                failure_status_min: 300,
+            },
+            ban: None,
+            drop_during_ban: false,
+            config_digest: config_digest(cfg),
         }
     }
 }
@@ -140,6 +271,10 @@ pub struct Sink<T: Transport> {
 
 /// An HTTP batch sink.
 pub type HttpSink = Sink<http::HttpTransport>;
+/// A webhook subscriber.
+pub type WebhookSink = Sink<webhook::WebhookTransport>;
+/// The MQTT upstream.
+pub type MqttSink = Sink<mqtt::MqttTransport>;
 
 /// What the delivery loop needs besides the sink itself.
 pub struct SinkContext {
@@ -153,6 +288,9 @@ pub struct SinkContext {
     pub clock: Arc<ClockSteps>,
     /// How the clock's `synced` state is known (`gateway.clock`).
     pub clock_source: crate::config::ClockSource,
+    /// Where `operational` notes go (the writer); `None` = not recorded.
+    /// (weak: the writer stops once the sources are gone, whatever the sinks hold).
+    pub notes: Option<tokio::sync::mpsc::WeakSender<crate::channel::WriterMsg>>,
 }
 
 impl HttpSink {
@@ -163,6 +301,31 @@ impl HttpSink {
     pub fn new(cfg: HttpSinkConfig, gateway: &str) -> Result<HttpSink, Error> {
         let transport = http::HttpTransport::new(&cfg, gateway)?;
         Ok(Sink::with_transport(RunnerSettings::http(&cfg), transport))
+    }
+}
+
+impl WebhookSink {
+    /// Builds the sink (resolves secrets, builds the client).
+    ///
+    /// # Errors
+    /// The sink's config problem, naming it.
+    pub fn new(cfg: WebhookSinkConfig, gateway: &str) -> Result<WebhookSink, Error> {
+        let transport = webhook::WebhookTransport::new(&cfg, gateway)?;
+        Ok(Sink::with_transport(
+            RunnerSettings::webhook(&cfg),
+            transport,
+        ))
+    }
+}
+
+impl MqttSink {
+    /// Builds the sink and starts its connection task (within a Tokio runtime).
+    ///
+    /// # Errors
+    /// The sink's config problem, naming it.
+    pub fn new(cfg: MqttSinkConfig, gateway: &str) -> Result<MqttSink, Error> {
+        let transport = mqtt::MqttTransport::new(&cfg, gateway)?;
+        Ok(Sink::with_transport(RunnerSettings::mqtt(&cfg), transport))
     }
 }
 
@@ -346,14 +509,27 @@ impl<T: Transport> Runner<T> {
 
     /// The delivery loop proper; returns on shutdown, or with the first store error.
     async fn deliver(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
-        let cfg = &self.sink.cfg;
-        let name = cfg.name.clone();
+        let name = self.sink.cfg.name.clone();
         let mut st = self.open().await?;
-        // A retry schedule does not survive a restart: the daemon starting is a good moment to try.
-        st.row.next_attempt_at = None;
-        tracing::info!(sink = %name, cursor = st.row.cursor, "Sink started");
+        // A retry schedule does not survive a restart: the daemon starting is a good moment to
+        // try. A ban does (it protects the endpoint), and so does a disable.
+        st.row.next_attempt_at = st
+            .row
+            .banned_until
+            .filter(|&b| b > crate::telemetry::now_ms() && st.row.status == outbox::STATUS_BANNED);
+        if st.row.status == outbox::STATUS_DISABLED
+            && st.row.config_digest.as_deref() != Some(self.sink.cfg.config_digest.as_str())
+        {
+            tracing::info!(sink = %name, "Sink configuration changed; re-enabling a sink disabled after errors");
+            self.reenable(&mut st, "configuration changed").await;
+        }
+        if st.row.config_digest.as_deref() != Some(self.sink.cfg.config_digest.as_str()) {
+            st.row.config_digest = Some(self.sink.cfg.config_digest.clone());
+            st.dirty = true;
+        }
+        tracing::info!(sink = %name, kind = self.sink.cfg.kind, cursor = st.row.cursor, status = %st.row.status, "Sink started");
         let mut writer_gone = false;
-        let max_rejected = cfg.max_consecutive_rejected;
+        let max_rejected = self.sink.cfg.max_consecutive_rejected;
         if st
             .row
             .last_error
@@ -368,6 +544,31 @@ impl<T: Transport> Runner<T> {
             if shutdown.is_cancelled() {
                 break;
             }
+            // A ban ends by itself; with `drop_during_ban` the events that arrive meanwhile are
+            // dead letters `banned` (the vendors' behaviour, never silent), else they wait.
+            if st.row.status == outbox::STATUS_BANNED {
+                let now = crate::telemetry::now_ms();
+                let until = st.row.banned_until.unwrap_or(0);
+                if now >= until {
+                    tracing::info!(sink = %name, "Ban over; delivering again");
+                    st.row.status = outbox::STATUS_ACTIVE.to_string();
+                    st.row.next_attempt_at = None;
+                    st.dirty = true;
+                } else if self.sink.cfg.drop_during_ban {
+                    let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+                    if !self.drop_banned(&mut st).await? {
+                        tokio::select! {
+                            r = self.ctx.committed.changed() => if r.is_err() { writer_gone = true; },
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        if writer_gone {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+            }
             if let Some(at) = st.row.next_attempt_at {
                 let wait = Duration::from_millis(
                     u64::try_from(at.saturating_sub(crate::telemetry::now_ms())).unwrap_or(0),
@@ -377,6 +578,7 @@ impl<T: Transport> Runner<T> {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
+                    continue;
                 }
             }
             // A gateway without RTC boots with its clock in the past: signatures would carry a
@@ -397,7 +599,7 @@ impl<T: Transport> Runner<T> {
             let control = st
                 .blocking(move |c, p| outbox::sink_control(c, p, &me))
                 .await??;
-            if let Some(ctl) = control.filter(|c| !c.enabled) {
+            if let Some(ctl) = control.as_ref().filter(|c| !c.enabled) {
                 if st.row.status != outbox::STATUS_PAUSED {
                     tracing::warn!(sink = %name, note = ?ctl.note, by = ?ctl.updated_by,
                         "Sink disabled by a technician; its events are held until it is enabled");
@@ -421,10 +623,36 @@ impl<T: Transport> Runner<T> {
                 st.row.last_error = None;
                 st.dirty = true;
             }
+            // Disabled after errors: held until a technician enables it (a `sink_control` write
+            // newer than the disable) or the configuration changes (checked at start).
+            if st.row.status == outbox::STATUS_DISABLED {
+                let disabled_at = st.row.disabled_at.unwrap_or(0);
+                if let Some(ctl) = control.filter(|c| c.enabled && c.updated_at > disabled_at) {
+                    let by = ctl.updated_by.unwrap_or_else(|| "a technician".into());
+                    tracing::info!(sink = %name, by = %by, "Sink re-enabled after errors; delivering what it held");
+                    self.reenable(&mut st, &format!("enabled by {by}")).await;
+                } else {
+                    st.flush(false).await?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(CONTROL_POLL) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
             let cursor = st.row.cursor;
+            let filtered = self.sink.transport.filters();
+            let limit = self.batch.limit;
+            // With a filter, read ahead so that a rare matching event is found in few reads.
             let (max_n, max_b) = (
-                self.batch.limit,
-                cfg.batch_max_bytes
+                if filtered {
+                    limit.max(FILTER_READ_AHEAD)
+                } else {
+                    limit
+                },
+                self.sink
+                    .cfg
+                    .batch_max_bytes
                     .saturating_sub(self.sink.transport.wrapper_bytes())
                     .max(1),
             );
@@ -466,9 +694,23 @@ impl<T: Transport> Runner<T> {
             if let Some(i) = batch.iter().position(|e| e.damaged) {
                 batch.truncate(i);
             }
+            // Filters: events this sink does not want are passed over (never dead letters).
+            let batch = if filtered {
+                match select(batch, limit, |e| self.sink.transport.accepts(e)) {
+                    Selected::None { last_pos } => {
+                        st.row.cursor = last_pos;
+                        st.dirty = true;
+                        st.flush(false).await?;
+                        continue;
+                    }
+                    Selected::Some(b) => b,
+                }
+            } else {
+                batch
+            };
             // TTL: the expired head of the batch becomes dead letters, reason "expired".
             let now = crate::telemetry::now_ms();
-            let ttl_ms = i64::try_from(cfg.ttl_secs)
+            let ttl_ms = i64::try_from(self.sink.cfg.ttl_secs)
                 .unwrap_or(i64::MAX)
                 .saturating_mul(1000);
             let synced = crate::store::writer::clock_state(self.ctx.clock_source)
@@ -485,7 +727,10 @@ impl<T: Transport> Runner<T> {
                 continue;
             }
             st.row.attempts = st.row.attempts.saturating_add(1);
+            let started = Instant::now();
             let outcome = self.sink.transport.deliver(&batch).await;
+            let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+            st.row.last_duration_ms = Some(duration_ms);
             let failures = u32::try_from(st.row.consecutive_failures)
                 .unwrap_or(u32::MAX)
                 .saturating_add(1);
@@ -498,8 +743,16 @@ impl<T: Transport> Runner<T> {
             );
             let now = crate::telemetry::now_ms();
             let last = batch[batch.len() - 1].pos;
-            if let delivery::Outcome::Status { code, .. } = outcome {
-                st.row.last_status = Some(i64::from(code));
+            match &outcome {
+                delivery::Outcome::Status { code, .. } => {
+                    st.row.last_status = Some(i64::from(*code))
+                }
+                delivery::Outcome::Acked => st.row.last_status = None,
+                _ => st.row.last_status = Some(0),
+            }
+            if verdict != Verdict::Delivered {
+                self.record_attempt(&st, &batch, &outcome, duration_ms, now)
+                    .await?;
             }
             match verdict {
                 Verdict::Delivered => {
@@ -508,11 +761,24 @@ impl<T: Transport> Runner<T> {
                     if st.row.consecutive_failures > 0 {
                         tracing::info!(sink = %name, after_failures = st.row.consecutive_failures, "Upstream accepts events again");
                     }
+                    let was_banned = st.row.banned_until.take().is_some();
+                    if was_banned || st.row.status != outbox::STATUS_ACTIVE {
+                        let failures = st.row.consecutive_failures;
+                        st.row.status = outbox::STATUS_ACTIVE.to_string();
+                        self.note(
+                            &st,
+                            "recovered",
+                            format!("delivering again after {failures} failures"),
+                            None,
+                        )
+                        .await;
+                    }
                     st.row.cursor = last;
                     st.row.delivered = st
                         .row
                         .delivered
                         .saturating_add(i64::try_from(batch.len()).unwrap_or(i64::MAX));
+                    st.row.successes = st.row.successes.saturating_add(1);
                     st.row.consecutive_failures = 0;
                     st.row.next_attempt_at = None;
                     st.row.last_success_at = Some(now);
@@ -527,8 +793,8 @@ impl<T: Transport> Runner<T> {
                     // Too slow for this many events, not necessarily down: retry at once with half.
                     self.batch.shrink(batch.len());
                     tracing::warn!(sink = %name, events = batch.len(), next = self.batch.limit,
-                        timeout_ms = cfg.request_timeout_ms,
-                        "No answer within request_timeout_ms; retrying with smaller batches");
+                        timeout_ms = self.sink.cfg.request_timeout_ms,
+                        "No answer within the request timeout; retrying with smaller batches");
                     st.row.last_error = Some(format!(
                         "timeout with {} events; retrying with {}",
                         batch.len(),
@@ -538,6 +804,7 @@ impl<T: Transport> Runner<T> {
                 }
                 Verdict::Retry { delay_ms, reason } => {
                     st.hold(failures, delay_ms, reason, now, cursor).await?;
+                    self.after_failure(&mut st, failures, None, now).await?;
                 }
                 Verdict::Hold {
                     delay_ms,
@@ -546,11 +813,13 @@ impl<T: Transport> Runner<T> {
                 } => {
                     if st.row.consecutive_failures == 0 {
                         tracing::error!(sink = %name, status, response = %snippet,
-                            "Upstream refuses the endpoint or its credentials; events are held and retried, never dead-lettered (sinks.http.hold_statuses)");
+                            "Upstream refuses the endpoint or its credentials; events are held and retried, never dead-lettered (hold_statuses)");
                     }
                     let reason =
                         format!("http {status}: {snippet} (endpoint problem; events held)");
                     st.hold(failures, delay_ms, reason, now, cursor).await?;
+                    self.after_failure(&mut st, failures, Some(status), now)
+                        .await?;
                 }
                 Verdict::Permanent { status: 413, .. } if batch.len() > 1 => {
                     // Too large for the receiver, not wrong: retry at once with half as many events.
@@ -570,12 +839,14 @@ impl<T: Transport> Runner<T> {
                     // A receiver that rejects every event is broken, not picky: hold.
                     if st.row.consecutive_failures == 0 {
                         tracing::error!(sink = %name, status, rejected_in_a_row = self.consecutive_rejected, response = %snippet,
-                            "Upstream rejects every event; holding instead of dead-lettering (sinks.http.max_consecutive_rejected)");
+                            "Upstream rejects every event; holding instead of dead-lettering (max_consecutive_rejected)");
                     }
                     let reason = format!("{REJECTING_EVERY_EVENT}: http {status}: {snippet}");
                     let delay_ms =
                         delivery::backoff_ms(&self.sink.cfg.policy, failures, fastrand::f64());
                     st.hold(failures, delay_ms, reason, now, cursor).await?;
+                    self.after_failure(&mut st, failures, Some(status), now)
+                        .await?;
                 }
                 Verdict::Permanent { status, snippet } => {
                     let ev = &batch[0];
@@ -584,17 +855,194 @@ impl<T: Transport> Runner<T> {
                     self.consecutive_rejected = self.consecutive_rejected.saturating_add(1);
                     self.batch.done(last, true);
                     st.row.cursor = last;
-                    st.row.consecutive_failures = 0;
                     st.row.next_attempt_at = None;
                     st.row.last_error = Some(format!("http {status}: {snippet}"));
+                    // A rejection is a failure of the endpoint's deliveries for the ban rules
+                    // (the event itself is a dead letter; the next one goes at once).
+                    st.row.consecutive_failures = if self.sink.cfg.ban.is_some() {
+                        i64::from(failures)
+                    } else {
+                        0
+                    };
                     st.dead_letter(batch, "rejected", Some(status), Some(snippet))
+                        .await?;
+                    self.after_failure(&mut st, failures, Some(status), now)
                         .await?;
                 }
             }
         }
         st.flush(true).await?;
+        self.sink.transport.close().await;
         tracing::info!(sink = %name, cursor = st.row.cursor, "Sink stopped");
         Ok(())
+    }
+
+    /// The ban and disable rules after a failed attempt (`failures` in a row, this one
+    /// included): every `ban_every_failures` bans the endpoint for `ban_step_secs` per set, at
+    /// most `ban_max_secs`; `failure_limit` in a row, or a 410, disables the sink.
+    async fn after_failure(
+        &mut self,
+        st: &mut LoopState,
+        failures: u32,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<(), Error> {
+        let Some(policy) = self.sink.cfg.ban else {
+            return Ok(());
+        };
+        let decision = if status == Some(410) {
+            delivery::BanDecision::Disable
+        } else {
+            delivery::ban_after_failure(&policy, failures)
+        };
+        let name = self.sink.cfg.name.clone();
+        let reason = st.row.last_error.clone().unwrap_or_default();
+        match decision {
+            delivery::BanDecision::None => return Ok(()),
+            delivery::BanDecision::Ban { secs } => {
+                let until = now
+                    .saturating_add(i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000));
+                tracing::warn!(sink = %name, failures, ban_secs = secs, error = %reason,
+                    "Endpoint banned after repeated failures; its events are {}", if self.sink.cfg.drop_during_ban { "dead-lettered (banned) until the ban ends (drop_during_ban)" } else { "held and delivered after the ban" });
+                st.row.status = outbox::STATUS_BANNED.to_string();
+                st.row.banned_until = Some(until);
+                st.row.next_attempt_at = Some(st.row.next_attempt_at.unwrap_or(until).max(until));
+                self.note(st, "banned", reason, Some(until)).await;
+            }
+            delivery::BanDecision::Disable => {
+                tracing::error!(sink = %name, failures, status, error = %reason,
+                    "Sink disabled after errors (DISABLED_DUE_TO_ERRORS); its events are held until it is re-enabled or its configuration changes");
+                st.row.status = outbox::STATUS_DISABLED.to_string();
+                st.row.disabled_at = Some(now);
+                st.row.next_attempt_at = None;
+                self.note(st, "disabled", reason, None).await;
+            }
+        }
+        st.dirty = true;
+        st.flush(true).await
+    }
+
+    /// Back to `ACTIVE` after a disable: the failure count starts again.
+    async fn reenable(&mut self, st: &mut LoopState, why: &str) {
+        st.row.status = outbox::STATUS_ACTIVE.to_string();
+        st.row.disabled_at = None;
+        st.row.consecutive_failures = 0;
+        st.row.next_attempt_at = None;
+        st.row.last_error = None;
+        st.dirty = true;
+        self.note(st, "enabled", why.to_string(), None).await;
+    }
+
+    /// During a ban with `drop_during_ban`: the pending events this sink wants become dead
+    /// letters `banned`. Returns whether there were any.
+    async fn drop_banned(&mut self, st: &mut LoopState) -> Result<bool, Error> {
+        let cursor = st.row.cursor;
+        let batch = st
+            .blocking(move |c, p| outbox::read_batch(c, p, cursor, FILTER_READ_AHEAD, 1 << 20))
+            .await??;
+        let Some(last) = batch.last().map(|e| e.pos) else {
+            return Ok(false);
+        };
+        let dead: Vec<_> = batch
+            .into_iter()
+            .filter(|e| e.damaged || self.sink.transport.accepts(e))
+            .collect();
+        st.row.cursor = last;
+        if dead.is_empty() {
+            st.dirty = true;
+            st.flush(false).await?;
+        } else {
+            tracing::warn!(sink = %self.sink.cfg.name, count = dead.len(),
+                "Endpoint banned: events dropped into dead letters (banned) as drop_during_ban asks");
+            st.dead_letter(dead, "banned", None, None).await?;
+        }
+        Ok(true)
+    }
+
+    /// Records a failed attempt for `queue stats` / a technician.
+    async fn record_attempt(
+        &self,
+        st: &LoopState,
+        batch: &[outbox::StoredEvent],
+        outcome: &delivery::Outcome,
+        duration_ms: i64,
+        now: i64,
+    ) -> Result<(), Error> {
+        let (status, snippet) = match outcome {
+            delivery::Outcome::Status { code, snippet, .. } => {
+                (i64::from(*code), Some(snippet.clone()))
+            }
+            delivery::Outcome::Connect(m)
+            | delivery::Outcome::Other(m)
+            | delivery::Outcome::Auth(m)
+            | delivery::Outcome::Invalid(m) => (0, Some(delivery::snippet(m.as_bytes(), 256))),
+            delivery::Outcome::Timeout | delivery::Outcome::Acked => (0, None),
+        };
+        let a = outbox::Attempt {
+            sink: self.sink.cfg.name.clone(),
+            at: now,
+            first_pos: batch.first().map_or(0, |e| e.pos),
+            events: i64::try_from(batch.len()).unwrap_or(i64::MAX),
+            status,
+            duration_ms,
+            error_kind: delivery::error_kind(outcome).to_string(),
+            snippet: snippet.filter(|s| !s.is_empty()),
+        };
+        st.blocking(move |c, p| outbox::record_attempt(c, p, &a))
+            .await??;
+        Ok(())
+    }
+
+    /// Hands an `operational` note to the writer (a durable event for the other sinks).
+    async fn note(&self, st: &LoopState, state: &str, reason: String, banned_until: Option<i64>) {
+        let Some(tx) = self.ctx.notes.as_ref().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        let n = crate::channel::OperationalNote {
+            sink: self.sink.cfg.name.clone(),
+            kind: self.sink.cfg.kind.to_string(),
+            state: state.to_string(),
+            reason,
+            failures: st.row.consecutive_failures,
+            banned_until: banned_until.map(crate::model::format_rfc3339_ms),
+        };
+        if tx
+            .send(crate::channel::WriterMsg::Operational(n))
+            .await
+            .is_err()
+        {
+            tracing::debug!(sink = %self.sink.cfg.name, "Writer gone; operational note not recorded");
+        }
+    }
+}
+
+/// Events read ahead by a filtered sink (and per round while dropping during a ban).
+const FILTER_READ_AHEAD: usize = 256;
+
+/// What a filtered sink takes from a batch.
+#[derive(Debug, PartialEq)]
+enum Selected {
+    /// Nothing wanted up to `last_pos`: pass over it.
+    None { last_pos: i64 },
+    /// The first `limit` wanted events (those skipped between them are passed over with them).
+    Some(Vec<outbox::StoredEvent>),
+}
+
+fn select(
+    batch: Vec<outbox::StoredEvent>,
+    limit: usize,
+    accepts: impl Fn(&outbox::StoredEvent) -> bool,
+) -> Selected {
+    let last_pos = batch.last().map_or(0, |e| e.pos);
+    let picked: Vec<_> = batch
+        .into_iter()
+        .filter(|e| accepts(e))
+        .take(limit.max(1))
+        .collect();
+    if picked.is_empty() {
+        Selected::None { last_pos }
+    } else {
+        Selected::Some(picked)
     }
 }
 

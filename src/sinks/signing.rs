@@ -205,9 +205,61 @@ pub fn headers(key: &SigningKey, msg_id: &str, timestamp_secs: i64, body: &[u8])
     }
 }
 
+/// Like [`headers`], signed by every key in `keys` (during a rotation the new and the old secret
+/// both sign): `webhook-signature` lists one `v1,<base64>` per key, space-separated, as the
+/// Standard Webhooks spec allows; a verifier accepts any one it knows.
+#[must_use]
+pub fn headers_multi(
+    keys: &[SigningKey],
+    msg_id: &str,
+    timestamp_secs: i64,
+    body: &[u8],
+) -> SignedHeaders {
+    let signature = keys
+        .iter()
+        .map(|k| k.sign(msg_id, timestamp_secs, body))
+        .collect::<Vec<_>>()
+        .join(" ");
+    SignedHeaders {
+        id: msg_id.to_owned(),
+        timestamp: timestamp_secs.to_string(),
+        signature,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_keys_sign_twice_and_each_verifies_alone() {
+        let old = vector_key();
+        let new = SigningKey::from_whsec("whsec_dGhpcyBpcyBhIHNlY29uZCBzZWNyZXQga2V5IQ==")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let h = headers_multi(
+            &[new.clone(), old.clone()],
+            VECTOR_ID,
+            VECTOR_TS,
+            VECTOR_BODY,
+        );
+        let parts: Vec<&str> = h.signature.split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1], old.sign(VECTOR_ID, VECTOR_TS, VECTOR_BODY));
+        for k in [&old, &new] {
+            assert!(
+                verify(
+                    k,
+                    VECTOR_ID,
+                    VECTOR_TS,
+                    &h.signature,
+                    VECTOR_BODY,
+                    VECTOR_TS,
+                    300
+                )
+                .is_ok()
+            );
+        }
+    }
 
     const VECTOR_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const VECTOR_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";

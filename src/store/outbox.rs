@@ -33,6 +33,11 @@ pub struct StoredEvent {
 pub const STATUS_ACTIVE: &str = "ACTIVE";
 /// Status of a sink a technician disabled (`sink_control.enabled = 0`): events are held.
 pub const STATUS_PAUSED: &str = "PAUSED";
+/// Status of a webhook sink whose endpoint is banned after repeated failures (`banned_until`).
+pub const STATUS_BANNED: &str = "BANNED";
+/// Status of a webhook sink stopped after `failure_limit` consecutive failures (or a 410): its
+/// events are held until a technician re-enables it or its configuration changes.
+pub const STATUS_DISABLED: &str = "DISABLED_DUE_TO_ERRORS";
 
 /// What a technician set for a sink (`sink_control`); the daemon only reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,6 +112,16 @@ pub struct SinkRow {
     pub last_error: Option<String>,
     pub last_status: Option<i64>,
     pub last_success_at: Option<i64>,
+    /// Delivered requests (`delivered` counts events).
+    pub successes: i64,
+    /// While set and in the future the endpoint is banned (webhook sinks).
+    pub banned_until: Option<i64>,
+    /// When the sink became `DISABLED_DUE_TO_ERRORS`.
+    pub disabled_at: Option<i64>,
+    /// Digest of the configuration the sink last ran with.
+    pub config_digest: Option<String>,
+    /// Duration of the last attempt.
+    pub last_duration_ms: Option<i64>,
 }
 
 fn row_to_sink(r: &rusqlite::Row<'_>) -> rusqlite::Result<SinkRow> {
@@ -122,10 +137,15 @@ fn row_to_sink(r: &rusqlite::Row<'_>) -> rusqlite::Result<SinkRow> {
         last_error: r.get(8)?,
         last_status: r.get(9)?,
         last_success_at: r.get(10)?,
+        successes: r.get(11)?,
+        banned_until: r.get(12)?,
+        disabled_at: r.get(13)?,
+        config_digest: r.get(14)?,
+        last_duration_ms: r.get(15)?,
     })
 }
 
-const SINK_COLUMNS: &str = "name, kind, cursor, status, consecutive_failures, attempts, delivered, next_attempt_at, last_error, last_status, last_success_at";
+const SINK_COLUMNS: &str = "name, kind, cursor, status, consecutive_failures, attempts, delivered, next_attempt_at, last_error, last_status, last_success_at, successes, banned_until, disabled_at, config_digest, last_duration_ms";
 
 /// Returns the sink's row, creating it (at the oldest event or at `now`) if it is new.
 ///
@@ -238,7 +258,8 @@ pub fn read_batch(
 pub fn save_sink(conn: &Connection, path: &Path, s: &SinkRow, now: i64) -> Result<(), Error> {
     conn.execute(
         "UPDATE sinks SET cursor = ?2, status = ?3, consecutive_failures = ?4, attempts = ?5, delivered = ?6,
-           next_attempt_at = ?7, last_error = ?8, last_status = ?9, last_success_at = ?10, updated_at = ?11
+           next_attempt_at = ?7, last_error = ?8, last_status = ?9, last_success_at = ?10, updated_at = ?11,
+           successes = ?12, banned_until = ?13, disabled_at = ?14, config_digest = ?15, last_duration_ms = ?16
          WHERE name = ?1",
         params![
             s.name,
@@ -251,11 +272,89 @@ pub fn save_sink(conn: &Connection, path: &Path, s: &SinkRow, now: i64) -> Resul
             s.last_error,
             s.last_status,
             s.last_success_at,
-            now
+            now,
+            s.successes,
+            s.banned_until,
+            s.disabled_at,
+            s.config_digest,
+            s.last_duration_ms
         ],
     )
     .map_err(ctx(path))?;
     Ok(())
+}
+
+/// One failed delivery attempt, as a technician needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub sink: String,
+    pub at: i64,
+    pub first_pos: i64,
+    pub events: i64,
+    /// HTTP status; 0 = no answer.
+    pub status: i64,
+    pub duration_ms: i64,
+    /// `timeout`, `connect`, `dns`, `tls`, `status`, `auth` or `other`.
+    pub error_kind: String,
+    pub snippet: Option<String>,
+}
+
+/// Failed attempts kept per sink.
+pub const ATTEMPTS_KEPT: i64 = 50;
+
+/// Records a failed attempt and trims the sink's record to the last [`ATTEMPTS_KEPT`].
+///
+/// # Errors
+/// A store error naming the file.
+pub fn record_attempt(conn: &mut Connection, path: &Path, a: &Attempt) -> Result<(), Error> {
+    let c = ctx(path);
+    let tx = conn.transaction().map_err(&c)?;
+    tx.execute(
+        "INSERT INTO sink_attempts (sink, at, first_pos, events, status, duration_ms, error_kind, snippet)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![a.sink, a.at, a.first_pos, a.events, a.status, a.duration_ms, a.error_kind, a.snippet],
+    )
+    .map_err(&c)?;
+    tx.execute(
+        "DELETE FROM sink_attempts WHERE sink = ?1 AND id <= (SELECT id FROM sink_attempts WHERE sink = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        params![a.sink, ATTEMPTS_KEPT],
+    )
+    .map_err(&c)?;
+    tx.commit().map_err(&c)
+}
+
+/// The last `n` failed attempts of a sink, newest first.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn recent_attempts(
+    conn: &Connection,
+    path: &Path,
+    sink: &str,
+    n: usize,
+) -> Result<Vec<Attempt>, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare(
+            "SELECT sink, at, first_pos, events, status, duration_ms, error_kind, snippet
+             FROM sink_attempts WHERE sink = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(&c)?;
+    let rows = st
+        .query_map(params![sink, i64::try_from(n).unwrap_or(i64::MAX)], |r| {
+            Ok(Attempt {
+                sink: r.get(0)?,
+                at: r.get(1)?,
+                first_pos: r.get(2)?,
+                events: r.get(3)?,
+                status: r.get(4)?,
+                duration_ms: r.get(5)?,
+                error_kind: r.get(6)?,
+                snippet: r.get(7)?,
+            })
+        })
+        .map_err(&c)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(&c)
 }
 
 /// Why an event became a dead letter.

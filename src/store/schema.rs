@@ -32,6 +32,15 @@
 //!   The daemon only reads it; its own status stays in `sinks`, so a technician's write is never
 //!   overwritten by the daemon's next save.
 
+//!
+//! Added in v5 (fan-out: webhook and MQTT sinks):
+//! - `sinks.successes`, `banned_until`, `disabled_at`, `config_digest`, `last_duration_ms`:
+//!   delivery health of a sink (`config_digest` re-enables a `DISABLED_DUE_TO_ERRORS` sink
+//!   whose configuration changed).
+//! - `sink_attempts`: the last failed attempts of each sink (status, 0 = no answer; duration;
+//!   error kind; a capped response snippet), for a technician. Successes are only counted in
+//!   `sinks` (one row per delivered request would wear the flash for nothing).
+
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -115,5 +124,25 @@ CREATE TABLE sink_control (
     updated_at INTEGER NOT NULL,
     updated_by TEXT
 );
+"#,
+    // v5: delivery health and failed attempts of webhook/MQTT sinks.
+    r#"
+ALTER TABLE sinks ADD COLUMN successes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sinks ADD COLUMN banned_until INTEGER;
+ALTER TABLE sinks ADD COLUMN disabled_at INTEGER;
+ALTER TABLE sinks ADD COLUMN config_digest TEXT;
+ALTER TABLE sinks ADD COLUMN last_duration_ms INTEGER;
+CREATE TABLE sink_attempts (
+    id INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    first_pos INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    error_kind TEXT NOT NULL,
+    snippet TEXT
+);
+CREATE INDEX sink_attempts_by_sink ON sink_attempts (sink, id);
 "#,
 ];

@@ -155,6 +155,8 @@ pub struct Writer {
     last_housekeeping: Instant,
     /// Sources' status waiting to be stored.
     pending_status: Option<Vec<crate::channel::SourceStatus>>,
+    /// Last seq of the gateway's own `operational` events (kept out of the device cache).
+    gateway_seq: u64,
     last_gc_bound: i64,
     committed_tx: watch::Sender<i64>,
     stats: Arc<WriterStats>,
@@ -341,7 +343,17 @@ impl Writer {
         }
         committed_tx.send_replace(last_pos);
         let wal_limit = wal_limit(s.max_bytes);
-        let owner = s.reserved.clone();
+        // The gateway's own events have a seq of their own but no state: no snapshots, no expiry.
+        let gateway_seq = cache
+            .remove(crate::channel::GATEWAY_DEVICE)
+            .map_or(0, |r| r.seq);
+        dirty.remove(crate::channel::GATEWAY_DEVICE);
+        let mut owner = s.reserved.clone();
+        // No source may report as the gateway itself.
+        owner.insert(
+            crate::channel::GATEWAY_DEVICE.to_string(),
+            "(the gateway's own events)".to_string(),
+        );
         let clock = Arc::new(crate::clock::ClockSteps::default());
         clock.restore(&load_clock_steps(&conn).map_err(&c)?);
         // Checkpoint at SQLite's default 1000 pages, or sooner when the limit is smaller.
@@ -367,6 +379,7 @@ impl Writer {
             last_checkpoint: Instant::now(),
             last_housekeeping: Instant::now(),
             pending_status: None,
+            gateway_seq,
             last_gc_bound: -1,
             committed_tx,
             stats,
@@ -427,7 +440,12 @@ impl Writer {
                     self.session_lost(&src);
                     continue;
                 }
+                WriterMsg::Operational(n) => {
+                    self.operational_with_retry(&n, || rx.is_closed())?;
+                    continue;
+                }
             }
+            let mut notes: Vec<crate::channel::OperationalNote> = Vec::new();
             let deadline = Instant::now() + self.s.commit_delay;
             while batch.len() < self.s.batch_max {
                 match rx.try_recv() {
@@ -439,6 +457,7 @@ impl Writer {
                         lost.push(src);
                         break;
                     }
+                    Ok(WriterMsg::Operational(n)) => notes.push(n),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -455,6 +474,7 @@ impl Writer {
                                 lost.push(src);
                                 break;
                             }
+                            Ok(Some(WriterMsg::Operational(n))) => notes.push(n),
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -465,6 +485,9 @@ impl Writer {
             }
             for src in lost.drain(..) {
                 self.session_lost(&src);
+            }
+            for n in notes.drain(..) {
+                self.operational_with_retry(&n, || rx.is_closed())?;
             }
             // Also by elapsed time: under load the ticker's `try_send` can keep failing (freed
             // channel slots go to the sources waiting on it), and the cap, GC and snapshots
@@ -679,6 +702,17 @@ impl Writer {
                         continue;
                     }
                     new_recent.entry(obs.source.clone()).or_default().push(key);
+                }
+                if obs.device == crate::channel::GATEWAY_DEVICE {
+                    // The gateway's own device id: never a source's.
+                    conflicts += 1;
+                    if let Some(suppressed) =
+                        self.conflict_log.check(&format!("conflict:{}", obs.source))
+                    {
+                        tracing::warn!(device = %obs.device, source = %obs.source, suppressed,
+                            "Device id is reserved for the gateway's own events; dropping this observation");
+                    }
+                    continue;
                 }
                 let reserved = self.s.reserved.get(&obs.device);
                 let is_new =
@@ -1013,6 +1047,78 @@ impl Writer {
                 "Deleted the stored state of devices silent for ten expiry periods"
             );
         }
+        Ok(())
+    }
+
+    /// Commits an `operational` note as an event of the gateway (device
+    /// [`crate::channel::GATEWAY_DEVICE`]); retried like a commit (a sink's health report must
+    /// not be lost to a busy database), given up only when the daemon is stopping.
+    fn operational_with_retry(
+        &mut self,
+        n: &crate::channel::OperationalNote,
+        stopping: impl Fn() -> bool,
+    ) -> Result<(), Error> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.commit_operational(n) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_corrupt() => return Err(e),
+                Err(e) if stopping() => {
+                    tracing::error!(sink = %n.sink, error = %e, "Operational note not recorded while stopping");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(sink = %n.sink, error = %e, "Operational note not committed yet; retrying");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn commit_operational(&mut self, n: &crate::channel::OperationalNote) -> Result<(), Error> {
+        let c = ctx(&self.path);
+        let now = crate::telemetry::now_ms();
+        let pos = next_pos(&self.path, self.last_pos)?;
+        let seq = next_seq(self.gateway_seq);
+        let ev = Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            seq,
+            kind: "operational".to_string(),
+            gateway: self.s.gateway.clone(),
+            plant: self.s.default_plant.clone(),
+            device: crate::channel::GATEWAY_DEVICE.to_string(),
+            module: None,
+            observed_at: format_rfc3339_ms(now),
+            clock: clock_state(self.s.clock_source),
+            previous: serde_json::Value::Null,
+            current: serde_json::to_value(n).unwrap_or(serde_json::Value::Null),
+            state: DeviceState::default(),
+        };
+        let payload = serde_json::to_string(&ev).map_err(|e| Error::Sqlite {
+            path: self.path.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        let tx = self.conn.transaction().map_err(&c)?;
+        tx.execute(
+            "INSERT INTO events (pos, id, device, seq, type, observed_at, payload) VALUES (?1, ?2, ?3, ?4, 'operational', ?5, ?6)",
+            params![pos, ev.id, ev.device, seq_i64(seq), now, payload],
+        )
+        .map_err(&c)?;
+        tx.execute(
+            "INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
+             VALUES (?1, '{}', ?2, ?3, 0, ?3)
+             ON CONFLICT(device) DO UPDATE SET seq = excluded.seq, last_seen = excluded.last_seen",
+            params![ev.device, seq_i64(seq), now],
+        )
+        .map_err(&c)?;
+        tx.commit().map_err(&c)?;
+        self.last_pos = pos;
+        self.gateway_seq = seq;
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        self.committed_tx.send_replace(self.last_pos);
+        tracing::info!(sink = %n.sink, state = %n.state, seq, "Operational event committed");
         Ok(())
     }
 
