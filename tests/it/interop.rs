@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The venv interpreter `scripts/test.sh` prepares (or `HVAC_EDGE_TEST_PYTHON`).
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("HVAC_EDGE_TEST_PYTHON") {
         return PathBuf::from(p);
     }

@@ -11,6 +11,13 @@ mod bad_input;
 mod cli;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
+/// Fan-out: webhook, HTTP and MQTT sinks at once; the webhook delivery rules (750 ms, bans,
+/// disable, drop_during_ban, expiry, 410), filters, templates and the Smarther C2C body.
+mod fanout;
+/// The MQTT upstream sink: broker restarts, retained status and last will, client certificates.
+mod upstream;
+/// Webhook credentials: signatures checked by the reference library during a rotation, OAuth2.
+mod webhook_auth;
 /// Hostile publishers: bad ids, floods, oversize packets, TLS, secrets.
 mod hostile;
 /// Signatures checked by the reference Standard Webhooks library.

@@ -67,6 +67,8 @@ pub fn toml_str(s: &str) -> String {
 }
 
 struct Component {
+    /// `http`, `webhook` or `mqtt` for sinks (the `[[sinks.<kind>]]` table).
+    kind: &'static str,
     name: String,
     keys: Vec<(String, String)>,
     /// Sub-tables rendered after the keys (the generic mapping).
@@ -167,6 +169,7 @@ impl TestConfig {
 
     fn mqtt_common(&self, name: &str, port: u16) -> Component {
         let mut c = Component {
+            kind: "mqtt",
             name: name.to_string(),
             keys: Vec::new(),
             tail: String::new(),
@@ -193,16 +196,9 @@ impl TestConfig {
     /// Adds an HTTP sink posting to `receiver`: `allow_insecure_http = true`, the receiver's
     /// secret in a mode-0600 file, `retry_schedule_secs = [1]`, `request_timeout_ms = 2000`.
     pub fn http_sink(&mut self, name: &str, receiver: &Receiver) -> &mut Self {
-        let secret = self.dir.join(format!("{name}.whsec"));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&secret)
-            .expect("create the signing secret file");
-        writeln!(f, "{}", receiver.whsec()).expect("write the signing secret");
+        let secret = self.secret_file(&format!("{name}.whsec"), receiver.whsec());
         let mut c = Component {
+            kind: "http",
             name: name.to_string(),
             keys: Vec::new(),
             tail: String::new(),
@@ -220,12 +216,74 @@ impl TestConfig {
         self
     }
 
-    /// Sets `key = value` in HTTP sink `name`.
+    /// Adds a webhook sink posting to `receiver` (one event per request): `allow_insecure_http
+    /// = true`, the receiver's secret in a mode-0600 file, `retry_schedule_secs = [1]`; the
+    /// vendor defaults otherwise (750 ms, bans every 20 failures, `failure_limit = 100`).
+    pub fn webhook_sink(&mut self, name: &str, receiver: &Receiver) -> &mut Self {
+        let secret = self.secret_file(&format!("{name}.whsec"), receiver.whsec());
+        let mut c = Component {
+            kind: "webhook",
+            name: name.to_string(),
+            keys: Vec::new(),
+            tail: String::new(),
+        };
+        c.set("name", &toml_str(name));
+        c.set("url", &toml_str(&receiver.url()));
+        c.set("allow_insecure_http", "true");
+        c.set(
+            "signing_secret_file",
+            &toml_str(&secret.display().to_string()),
+        );
+        c.set("retry_schedule_secs", "[1]");
+        self.sinks.push(c);
+        self
+    }
+
+    /// Adds an MQTT upstream sink to the plain broker on 127.0.0.1:`port` (`tls = false`),
+    /// client id `it-<tag>-<name>`, `retry_schedule_secs = [1]`.
+    pub fn mqtt_sink(&mut self, name: &str, port: u16) -> &mut Self {
+        let mut c = Component {
+            kind: "mqtt",
+            name: name.to_string(),
+            keys: Vec::new(),
+            tail: String::new(),
+        };
+        c.set("name", &toml_str(name));
+        c.set("host", &toml_str("127.0.0.1"));
+        c.set("port", &port.to_string());
+        c.set("tls", "false");
+        c.set("client_id", &toml_str(&self.client_id(name)));
+        c.set("retry_schedule_secs", "[1]");
+        self.sinks.push(c);
+        self
+    }
+
+    /// Writes `content` to `<sandbox>/<file>` with mode 0600 (a secret file) and returns its path.
+    pub fn secret_file(&self, file: &str, content: &str) -> PathBuf {
+        let path = self.dir.join(file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create the secret file");
+        writeln!(f, "{content}").expect("write the secret file");
+        path
+    }
+
+    /// Removes sink `name` (to restart the daemon without it).
+    pub fn remove_sink(&mut self, name: &str) -> &mut Self {
+        self.sinks.retain(|c| c.name != name);
+        self
+    }
+
+    /// Sets `key = value` in sink `name` (any kind).
     pub fn sink_set(&mut self, name: &str, key: &str, value: &str) -> &mut Self {
         self.sinks
             .iter_mut()
             .find(|c| c.name == name)
-            .unwrap_or_else(|| panic!("no HTTP sink {name:?} in the test config"))
+            .unwrap_or_else(|| panic!("no sink {name:?} in the test config"))
             .set(key, value);
         self
     }
@@ -260,7 +318,7 @@ impl TestConfig {
             out.push('\n');
         }
         for c in &self.sinks {
-            out.push_str("[[sinks.http]]\n");
+            out.push_str(&format!("[[sinks.{}]]\n", c.kind));
             for (k, v) in &c.keys {
                 out.push_str(&format!("{k} = {v}\n"));
             }

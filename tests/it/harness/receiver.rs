@@ -137,11 +137,16 @@ impl Request {
 /// A per-request rule: given the parsed body, an answer that wins over the script.
 pub type Rule = Arc<dyn Fn(&Result<Batch, String>) -> Option<Reply> + Send + Sync>;
 
+/// Like [`Rule`], also given the request's headers (lower-case names) and path with query.
+pub type RequestRule =
+    Arc<dyn Fn(&[(String, String)], &str, &Result<Batch, String>) -> Option<Reply> + Send + Sync>;
+
 struct State {
     script: VecDeque<Reply>,
     default: Reply,
     requests: Vec<Request>,
     rule: Option<Rule>,
+    request_rule: Option<RequestRule>,
 }
 
 struct Shared {
@@ -186,6 +191,7 @@ impl Receiver {
                 default,
                 requests: Vec::new(),
                 rule: None,
+                request_rule: None,
             }),
         });
         let mut r = Receiver {
@@ -285,6 +291,12 @@ impl Receiver {
     /// E.g. reject every batch holding one event, or answer slowly when a batch is large.
     pub fn set_rule(&self, rule: Option<Rule>) {
         self.shared.lock().rule = rule;
+    }
+
+    /// Answers with `rule(headers, path, body)` when it returns a reply (before [`Rule`] and the
+    /// script); `None` removes it. E.g. check an `Authorization` header.
+    pub fn set_request_rule(&self, rule: Option<RequestRule>) {
+        self.shared.lock().request_rule = rule;
     }
 
     /// Replaces the answer given once the script is used up.
@@ -395,9 +407,33 @@ fn handle(
         }
         _ => (false, false),
     };
-    let batch = serde_json::from_slice::<Batch>(&body).map_err(|e| e.to_string());
+    // A batch `{"gateway","events"}`, or one event alone (a webhook's native body).
+    let batch = serde_json::from_slice::<Batch>(&body).or_else(|e| {
+        serde_json::from_slice::<Event>(&body)
+            .map(|ev| Batch {
+                gateway: ev.gateway.clone(),
+                events: vec![ev],
+            })
+            .map_err(|_| e.to_string())
+    });
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.to_string());
+    let header_list: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
     let mut st = shared.lock();
-    let ruled = st.rule.as_ref().and_then(|r| r(&batch));
+    let ruled = st
+        .request_rule
+        .as_ref()
+        .and_then(|r| r(&header_list, &path, &batch))
+        .or_else(|| st.rule.as_ref().and_then(|r| r(&batch)));
     let reply = match ruled {
         Some(r) => r,
         None => st.script.pop_front().unwrap_or_else(|| st.default.clone()),
@@ -405,18 +441,8 @@ fn handle(
     st.requests.push(Request {
         at: Instant::now(),
         method: method.to_string(),
-        path: uri
-            .path_and_query()
-            .map_or_else(|| uri.path().to_string(), |p| p.to_string()),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        path,
+        headers: header_list,
         body: body.to_vec(),
         status: reply.status,
         signature_ok,
