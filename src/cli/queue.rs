@@ -38,18 +38,26 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<6} {:<10} {:>9} {:>10} {:>6} {:>9} {:>12}  last error",
+        "{:<16} {:<7} {:<22} {:>9} {:>10} {:>6} {:>9} {:>12}  last error",
         "sink", "kind", "status", "pending", "oldest", "dead", "failures", "next try"
     );
     for s in &q.sinks {
-        let next = match s.row.next_attempt_at {
+        let next = match s
+            .row
+            .banned_until
+            .filter(|&b| b > now && s.row.status == "BANNED")
+        {
+            Some(b) => Some(b),
+            None => s.row.next_attempt_at,
+        };
+        let next = match next {
             Some(t) if t > now => format!("in {}", human_ms(t - now)),
             Some(_) => "due".to_string(),
             None if s.pending > 0 => "now".to_string(),
             None => "-".to_string(),
         };
         println!(
-            "{:<16} {:<6} {:<10} {:>9} {:>10} {:>6} {:>9} {:>12}  {}",
+            "{:<16} {:<7} {:<22} {:>9} {:>10} {:>6} {:>9} {:>12}  {}",
             esc(&s.row.name),
             esc(&s.row.kind),
             esc(&s.row.status),
@@ -60,6 +68,25 @@ pub fn stats(db: &Path, json: bool) -> anyhow::Result<()> {
             next,
             esc_or_dash(s.row.last_error.as_deref())
         );
+        // The last failed attempts, newest first: what a technician needs to call the receiver's owner.
+        for a in &s.recent_attempts {
+            let what = if a.status == 0 {
+                format!("no answer ({})", esc(&a.error_kind))
+            } else {
+                format!("http {}", a.status)
+            };
+            println!(
+                "    {} ago: {what} after {} ms, {} event(s) from pos {}{}",
+                human_ms(now.saturating_sub(a.at).max(0)),
+                a.duration_ms,
+                a.events,
+                a.first_pos,
+                a.snippet
+                    .as_deref()
+                    .map(|t| format!(": {}", esc(t)))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(())
 }

@@ -350,6 +350,7 @@ impl<T: Transport> Sink<T> {
             ctx,
             consecutive_rejected: 0,
             store_failures: 0,
+            owes_recovery: false,
         };
         loop {
             match runner.deliver(&shutdown).await {
@@ -466,6 +467,8 @@ struct Runner<T: Transport> {
     /// Events dead-lettered one by one in a row (reset by any delivery).
     consecutive_rejected: u32,
     store_failures: u32,
+    /// Banned, disabled or re-enabled since the last delivery: the next one is a `recovered`.
+    owes_recovery: bool,
 }
 
 impl<T: Transport> Runner<T> {
@@ -522,6 +525,9 @@ impl<T: Transport> Runner<T> {
         {
             tracing::info!(sink = %name, "Sink configuration changed; re-enabling a sink disabled after errors");
             self.reenable(&mut st, "configuration changed").await;
+        }
+        if st.row.status != outbox::STATUS_ACTIVE || st.row.banned_until.is_some() {
+            self.owes_recovery = true;
         }
         if st.row.config_digest.as_deref() != Some(self.sink.cfg.config_digest.as_str()) {
             st.row.config_digest = Some(self.sink.cfg.config_digest.clone());
@@ -694,19 +700,18 @@ impl<T: Transport> Runner<T> {
             if let Some(i) = batch.iter().position(|e| e.damaged) {
                 batch.truncate(i);
             }
-            // Filters: events this sink does not want are passed over (never dead letters).
-            let batch = if filtered {
-                match select(batch, limit, |e| self.sink.transport.accepts(e)) {
-                    Selected::None { last_pos } => {
-                        st.row.cursor = last_pos;
-                        st.dirty = true;
-                        st.flush(false).await?;
-                        continue;
-                    }
-                    Selected::Some(b) => b,
+            // Filters: events this sink does not want are passed over (never dead letters), and
+            // so are the gateway's notes about this sink itself (they are for the others).
+            let batch = match select(batch, limit, |e| {
+                !is_note_about(e, &name) && self.sink.transport.accepts(e)
+            }) {
+                Selected::None { last_pos } => {
+                    st.row.cursor = last_pos;
+                    st.dirty = true;
+                    st.flush(false).await?;
+                    continue;
                 }
-            } else {
-                batch
+                Selected::Some(b) => b,
             };
             // TTL: the expired head of the batch becomes dead letters, reason "expired".
             let now = crate::telemetry::now_ms();
@@ -762,7 +767,10 @@ impl<T: Transport> Runner<T> {
                         tracing::info!(sink = %name, after_failures = st.row.consecutive_failures, "Upstream accepts events again");
                     }
                     let was_banned = st.row.banned_until.take().is_some();
-                    if was_banned || st.row.status != outbox::STATUS_ACTIVE {
+                    let mut recovered = false;
+                    if was_banned || self.owes_recovery || st.row.status != outbox::STATUS_ACTIVE {
+                        self.owes_recovery = false;
+                        recovered = true;
                         let failures = st.row.consecutive_failures;
                         st.row.status = outbox::STATUS_ACTIVE.to_string();
                         self.note(
@@ -784,7 +792,8 @@ impl<T: Transport> Runner<T> {
                     st.row.last_success_at = Some(now);
                     st.row.last_error = None;
                     st.dirty = true;
-                    st.flush(false).await?;
+                    // A recovery is shown at once; progress at most once a second.
+                    st.flush(recovered).await?;
                     tracing::trace!(sink = %name, count = batch.len(), cursor = last, "Delivered");
                 }
                 Verdict::Retry { .. }
@@ -930,6 +939,7 @@ impl<T: Transport> Runner<T> {
         st.row.next_attempt_at = None;
         st.row.last_error = None;
         st.dirty = true;
+        self.owes_recovery = true;
         self.note(st, "enabled", why.to_string(), None).await;
     }
 
@@ -945,7 +955,10 @@ impl<T: Transport> Runner<T> {
         };
         let dead: Vec<_> = batch
             .into_iter()
-            .filter(|e| e.damaged || self.sink.transport.accepts(e))
+            .filter(|e| {
+                e.damaged
+                    || (!is_note_about(e, &self.sink.cfg.name) && self.sink.transport.accepts(e))
+            })
             .collect();
         st.row.cursor = last;
         if dead.is_empty() {
@@ -1014,6 +1027,21 @@ impl<T: Transport> Runner<T> {
             tracing::debug!(sink = %self.sink.cfg.name, "Writer gone; operational note not recorded");
         }
     }
+}
+
+/// Whether `e` is an `operational` note of the gateway about sink `name`.
+fn is_note_about(e: &outbox::StoredEvent, name: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Current {
+        sink: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Note {
+        current: Current,
+    }
+    e.kind == "operational"
+        && e.device == crate::channel::GATEWAY_DEVICE
+        && serde_json::from_str::<Note>(&e.payload).is_ok_and(|n| n.current.sink == name)
 }
 
 /// Events read ahead by a filtered sink (and per round while dropping during a ban).

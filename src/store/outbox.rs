@@ -285,7 +285,7 @@ pub fn save_sink(conn: &Connection, path: &Path, s: &SinkRow, now: i64) -> Resul
 }
 
 /// One failed delivery attempt, as a technician needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Attempt {
     pub sink: String,
     pub at: i64,
@@ -422,6 +422,8 @@ pub struct SinkQueue {
     pub dead_letters: i64,
     /// What a technician set for it, if anything.
     pub control: Option<SinkControl>,
+    /// Its last failed attempts, newest first (at most three).
+    pub recent_attempts: Vec<Attempt>,
 }
 
 /// What `hvac-edge queue stats` shows.
@@ -473,8 +475,10 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
             )
             .map_err(&c)?;
         let control = sink_control(conn, path, &row.name)?;
+        let recent_attempts = recent_attempts(conn, path, &row.name, 3)?;
         sinks.push(SinkQueue {
             control,
+            recent_attempts,
             row,
             pending,
             oldest_pending_age_ms: oldest.map(|o| now.saturating_sub(o).max(0)),

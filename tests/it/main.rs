@@ -14,10 +14,6 @@ mod crash;
 /// Fan-out: webhook, HTTP and MQTT sinks at once; the webhook delivery rules (750 ms, bans,
 /// disable, drop_during_ban, expiry, 410), filters, templates and the Smarther C2C body.
 mod fanout;
-/// The MQTT upstream sink: broker restarts, retained status and last will, client certificates.
-mod upstream;
-/// Webhook credentials: signatures checked by the reference library during a rotation, OAuth2.
-mod webhook_auth;
 /// Hostile publishers: bad ids, floods, oversize packets, TLS, secrets.
 mod hostile;
 /// Signatures checked by the reference Standard Webhooks library.
@@ -29,3 +25,7 @@ mod pipeline;
 mod serial;
 /// Endpoint errors, bisection, timeouts, clock steps, store errors, corrupt files.
 mod trust;
+/// The MQTT upstream sink: broker restarts, retained status and last will, client certificates.
+mod upstream;
+/// Webhook credentials: signatures checked by the reference library during a rotation, OAuth2.
+mod webhook_auth;

@@ -49,8 +49,8 @@ pub use daemon::{Daemon, DaemonProcess, get};
 pub use db::Db;
 pub use mosquitto::{Mosquitto, MosquittoOptions, Publisher, free_port};
 pub use receiver::{
-    Batch, Receiver, Reply, Request, RequestRule, Rule, check_duplicates_identical, check_seq_continues,
-    check_seq_gap_free, dedup_by_id, of_device,
+    Batch, Receiver, Reply, Request, RequestRule, Rule, check_duplicates_identical,
+    check_seq_continues, check_seq_gap_free, dedup_by_id, of_device,
 };
 pub use wait::{TIMEOUT, wait_for_async, wait_until, wait_until_async};
 
