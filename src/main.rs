@@ -1,7 +1,7 @@
 //! The `hvac-edge` binary: parse arguments, start logging, dispatch, map errors to exit codes.
 
 use clap::Parser;
-use hvac_edge::cli::{self, Cli, Command, QueueCommand};
+use hvac_edge::cli::{self, Cli, Command, QueueCommand, SinksCommand};
 use hvac_edge::{config, daemon, demo, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,17 @@ fn main() {
                 } => db
                     .path()
                     .and_then(|p| cli::queue::dead_letters(&p, sink.as_deref(), limit, json)),
+            };
+            report(res)
+        }
+        Command::Sinks { command } => {
+            let res = match command {
+                SinksCommand::Enable { name, note, db } => db
+                    .path()
+                    .and_then(|p| cli::sinks::set(&p, &name, true, note.as_deref())),
+                SinksCommand::Disable { name, note, db } => db
+                    .path()
+                    .and_then(|p| cli::sinks::set(&p, &name, false, note.as_deref())),
             };
             report(res)
         }

@@ -5,6 +5,7 @@
 
 pub mod check_config;
 pub mod queue;
+pub mod sinks;
 pub mod sources;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,40 @@ pub enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Switch a sink off (its events are held) or on again (also after DISABLED_DUE_TO_ERRORS).
+    Sinks {
+        #[command(subcommand)]
+        command: SinksCommand,
+    },
+}
+
+/// `hvac-edge sinks …`
+#[derive(Debug, Subcommand)]
+pub enum SinksCommand {
+    /// Deliver again: a paused sink, or one disabled after errors, sends what it held, in order.
+    ///
+    /// Example: `hvac-edge sinks enable installer-portal --note "portal fixed, ticket 4711"`
+    Enable {
+        /// The sink's name (as in `queue stats`).
+        name: String,
+        /// Why, for the record.
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Hold a sink's events (nothing is dropped) until it is enabled again.
+    ///
+    /// Example: `hvac-edge sinks disable installer-portal --note "portal migrating"`
+    Disable {
+        /// The sink's name (as in `queue stats`).
+        name: String,
+        /// Why, for the record.
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 

@@ -444,20 +444,31 @@ async fn failure_limit_disables_the_sink_until_a_technician_or_a_config_change_e
     .await;
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(quiet.elapsed())).await;
     assert_eq!(r.request_count(), 3, "a disabled sink sends nothing");
-    // A technician enables it (the `sink_control` switch; the CLI command writes the same row).
+    // A technician enables it with the CLI while the daemon runs.
     let path = site.tc.db_path();
-    let tech = rusqlite::Connection::open(&path).unwrap();
-    tech.busy_timeout(Duration::from_secs(5)).unwrap();
-    hvac_edge::store::outbox::set_sink_control(
-        &tech,
-        &path,
-        "hook",
-        true,
-        Some("receiver fixed"),
-        Some("tech-anna"),
-        now_ms(),
-    )
-    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args([
+            "sinks",
+            "enable",
+            "hook",
+            "--note",
+            "receiver fixed",
+            "--db",
+        ])
+        .arg(&path)
+        .env("USER", "tech-anna")
+        .env_remove("SUDO_USER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sink hook enabled by tech-anna; a running daemon delivers what it held within a second\n"
+    );
     let got = r.wait_unique_events(2, TIMEOUT).await;
     let db = Db::open(&path);
     assert_eq!(
@@ -474,6 +485,19 @@ async fn failure_limit_disables_the_sink_until_a_technician_or_a_config_change_e
             && n.contains(&("recovered".to_string(), "hook".to_string()))
     })
     .await;
+    let enabled = dedup_by_id(&watcher.accepted_events())
+        .into_iter()
+        .find(|e| e.kind == "operational" && e.current["state"] == "enabled")
+        .unwrap();
+    assert_eq!(enabled.current["reason"], "enabled by tech-anna");
+    // An unknown sink is an error naming it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["sinks", "disable", "nope", "--db"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sink \"nope\" has run on"));
     // Disabled again; a restart with the same config keeps it disabled, a changed config enables it.
     r.set_default(Reply::status(503));
     site.setpoint(&mut p, &daemon, "hall", 23.0).await;
