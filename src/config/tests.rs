@@ -2292,6 +2292,15 @@ fn reference_with_optional_lines(dir: &tempfile::TempDir) -> String {
     secret_file(dir, "mqtt-password", "s3cret\n", 0o600);
     secret_file(dir, "upstream-api-key", "k3y\n", 0o600);
     secret_file(dir, "upstream-whsec", WHSEC, 0o600);
+    secret_file(dir, "portal-client-secret", "c1ient\n", 0o600);
+    secret_file(dir, "portal-refresh-token", "r3fresh\n", 0o600);
+    secret_file(dir, "portal-whsec", WHSEC, 0o600);
+    secret_file(
+        dir,
+        "portal-whsec-previous",
+        "whsec_dGhpcyBpcyBhIHNlY29uZCBzZWNyZXQga2V5IQ==",
+        0o600,
+    );
     secret_file(dir, "mqtt-ca.pem", TEST_CA_PEM, 0o644);
     secret_file(dir, "gw-0042.crt", TEST_CLIENT_CERT_PEM, 0o644);
     secret_file(dir, "gw-0042.key", TEST_CLIENT_KEY_PEM, 0o600);
@@ -2393,6 +2402,50 @@ fn the_reference_config_is_valid_with_its_optional_lines_uncommented() {
         Some(dir.path().join("gw-0042.key").as_path())
     );
     assert_eq!(c.sources.simulator.len(), 1);
+    // The commented-out webhook and MQTT upstream, uncommented, are valid with the code defaults.
+    let w = &c.sinks.webhook[0];
+    assert_eq!(w.auth, WebhookAuth::Oauth2RefreshToken);
+    assert!(w.signing_secret_previous_file.is_some());
+    let wd = parse(
+        &format!("{GATEWAY}{}", webhook("https://x.example.com/h", "")),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let d = &wd.sinks.webhook[0];
+    assert_eq!(
+        (
+            w.failure_timeout_ms,
+            w.failure_status_min,
+            w.ban_every_failures,
+            w.ban_step_secs
+        ),
+        (
+            d.failure_timeout_ms,
+            d.failure_status_min,
+            d.ban_every_failures,
+            d.ban_step_secs
+        )
+    );
+    assert_eq!(
+        (
+            w.ban_max_secs,
+            w.failure_limit,
+            w.drop_during_ban,
+            w.batch_max_events
+        ),
+        (
+            d.ban_max_secs,
+            d.failure_limit,
+            d.drop_during_ban,
+            d.batch_max_events
+        )
+    );
+    let m = &c.sinks.mqtt[0];
+    assert!(m.tls && m.cert_file.is_some() && m.key_file.is_some());
+    assert_eq!(
+        (m.topic.as_str(), m.max_inflight),
+        ("hvac-edge/{gateway_id}/{device_id}/{type}", 100)
+    );
     let h = &c.sinks.http[0];
     assert_eq!(
         h.api_key_header.as_deref(),
@@ -2464,6 +2517,14 @@ fn the_reference_config_mentions_every_accepted_key() {
             format!("{GATEWAY}{}", jsonl("", probe)),
         ),
         ("sinks.http", format!("{GATEWAY}{}", https(probe))),
+        (
+            "sinks.webhook",
+            format!("{GATEWAY}{}", webhook("https://x.example.com/h", probe)),
+        ),
+        (
+            "sinks.mqtt",
+            format!("{GATEWAY}[[sinks.mqtt]]\nname = \"c\"\nhost = \"h\"\n{probe}"),
+        ),
     ];
     let lines: Vec<&str> = REFERENCE_TOML
         .lines()
