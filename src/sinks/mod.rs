@@ -526,7 +526,10 @@ impl<T: Transport> Runner<T> {
             tracing::info!(sink = %name, "Sink configuration changed; re-enabling a sink disabled after errors");
             self.reenable(&mut st, "configuration changed").await;
         }
-        if st.row.status != outbox::STATUS_ACTIVE || st.row.banned_until.is_some() {
+        if st.row.status == outbox::STATUS_BANNED
+            || st.row.status == outbox::STATUS_DISABLED
+            || st.row.banned_until.is_some()
+        {
             self.owes_recovery = true;
         }
         if st.row.config_digest.as_deref() != Some(self.sink.cfg.config_digest.as_str()) {
@@ -768,7 +771,7 @@ impl<T: Transport> Runner<T> {
                     }
                     let was_banned = st.row.banned_until.take().is_some();
                     let mut recovered = false;
-                    if was_banned || self.owes_recovery || st.row.status != outbox::STATUS_ACTIVE {
+                    if was_banned || self.owes_recovery {
                         self.owes_recovery = false;
                         recovered = true;
                         let failures = st.row.consecutive_failures;
