@@ -58,6 +58,22 @@ pub struct WebhookTransport {
     keys: Vec<SigningKey>,
     auth: Auth,
     api_version: reqwest::header::HeaderValue,
+    /// The sink's own static credentials, never stored even if a receiver echoes them.
+    secrets: Vec<String>,
+}
+
+/// Replaces every `secret` (raw and form-encoded) in `text` with `[redacted]`.
+fn redact(mut text: String, secrets: &[&str]) -> String {
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        if text.contains(*s) {
+            text = text.replace(*s, "[redacted]");
+        }
+        let enc: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+        if enc != *s && text.contains(&enc) {
+            text = text.replace(&enc, "[redacted]");
+        }
+    }
+    text
 }
 
 /// The envelope fields a webhook needs beyond the stored columns.
@@ -229,7 +245,16 @@ impl WebhookTransport {
         };
         let api_version = reqwest::header::HeaderValue::from_str(&cfg.api_version)
             .map_err(|_| bad("api_version is not a valid header value".into()))?;
+        let secrets = match &auth {
+            Auth::Header(_, v) | Auth::Bearer(v) => v
+                .to_str()
+                .map(|t| vec![t.trim_start_matches("Bearer ").to_string()])
+                .unwrap_or_default(),
+            Auth::Query(_, k) => vec![k.clone()],
+            Auth::None | Auth::OAuth2(_) => Vec::new(),
+        };
         Ok(WebhookTransport {
+            secrets,
             client,
             url,
             method: match cfg.method {
@@ -435,7 +460,10 @@ impl WebhookTransport {
                 let text = if resp.status().is_success() {
                     String::new()
                 } else {
-                    super::http::read_prefix(resp, SNIPPET_BYTES).await
+                    // A receiver may echo what it got: never store the sink's credentials.
+                    let mut known: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+                    known.extend(bearer);
+                    redact(super::http::read_prefix(resp, SNIPPET_BYTES).await, &known)
                 };
                 Outcome::Status {
                     code,
@@ -474,6 +502,15 @@ mod tests {
         );
         let cfg: WebhookSinkConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}"));
         WebhookTransport::new(&cfg, "gw").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn echoed_credentials_are_redacted_raw_and_form_encoded() {
+        let got = redact(
+            "bad key k3y+/= (k3y%2B%2F%3D) for t0ken".to_string(),
+            &["k3y+/=", "t0ken", "ab"],
+        );
+        assert_eq!(got, "bad key [redacted] ([redacted]) for [redacted]");
     }
 
     #[test]
