@@ -327,10 +327,14 @@ impl MqttTransport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tag {
     Status,
-    Item(usize),
+    /// An event of batch number `.0`.
+    Item(u64),
 }
 
 struct Batch {
+    /// Number of this batch: a PUBACK of an older one (given up after `ack_timeout_ms`) never
+    /// counts for it.
+    number: u64,
     total: usize,
     acked: usize,
     reply: oneshot::Sender<Outcome>,
@@ -359,23 +363,36 @@ impl Link {
         let mut queued: VecDeque<Tag> = VecDeque::new();
         let mut by_pkid: HashMap<u16, Tag> = HashMap::new();
         let mut batch: Option<Batch> = None;
+        let mut numbers = 0u64;
         let mut backoff = RECONNECT_MIN;
         let mut failing = false;
         let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
             let ev = tokio::select! {
                 ev = self.eventloop.poll() => ev,
+                // The runner gave up waiting (ack_timeout_ms): the batch is sent again later,
+                // and its late PUBACKs never count for another batch.
+                () = async {
+                    match batch.as_mut() {
+                        Some(b) => b.reply.closed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if batch.is_some() => {
+                    batch = None;
+                    continue;
+                }
                 cmd = commands.recv(), if batch.is_none() && closing.is_none() => {
                     match cmd {
                         Some(Command::Publish { items, reply }) => {
+                            numbers += 1;
                             let total = items.len();
                             let mut failed = None;
-                            for (i, (topic, payload)) in items.into_iter().enumerate() {
+                            for (topic, payload) in items {
                                 if let Err(e) = self.client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                                     failed = Some(e.to_string());
                                     break;
                                 }
-                                queued.push_back(Tag::Item(i));
+                                queued.push_back(Tag::Item(numbers));
                             }
                             match failed {
                                 Some(e) => {
@@ -384,7 +401,7 @@ impl Link {
                                 None if total == 0 => {
                                     let _ = reply.send(Outcome::Acked);
                                 }
-                                None => batch = Some(Batch { total, acked: 0, reply }),
+                                None => batch = Some(Batch { number: numbers, total, acked: 0, reply }),
                             }
                         }
                         Some(Command::Close { done }) => {
@@ -431,8 +448,8 @@ impl Link {
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(Tag::Item(_)) = by_pkid.remove(&ack.pkid)
-                        && let Some(b) = batch.as_mut()
+                    if let Some(Tag::Item(n)) = by_pkid.remove(&ack.pkid)
+                        && let Some(b) = batch.as_mut().filter(|b| b.number == n)
                     {
                         b.acked += 1;
                         if b.acked >= b.total
