@@ -1137,6 +1137,43 @@ impl Config {
     /// and still exits 0; ntpd-rs `config.check()`). Never secrets.
     pub fn warnings(&self) -> Vec<ConfigError> {
         let mut w = Problems(Vec::new());
+        // Endpoint problems that would make dead letters of good events if not held.
+        let hold = |list: &[u16], key: String, w: &mut Problems| {
+            let missing: Vec<String> = [401u16, 403, 404, 410]
+                .iter()
+                .filter(|c| !list.contains(c))
+                .map(u16::to_string)
+                .collect();
+            if !missing.is_empty() {
+                w.add(
+                    key,
+                    format!(
+                        "leaves out {}: an expired key or a moved route would turn good events into dead letters (\"rejected\") instead of holding them",
+                        missing.join(", ")
+                    ),
+                );
+            }
+        };
+        for (i, s) in self.sinks.http.iter().enumerate() {
+            hold(
+                &s.hold_statuses,
+                format!("sinks.http[{i}].hold_statuses"),
+                &mut w,
+            );
+        }
+        for (i, s) in self.sinks.webhook.iter().enumerate() {
+            hold(
+                &s.hold_statuses,
+                format!("sinks.webhook[{i}].hold_statuses"),
+                &mut w,
+            );
+            if s.auth == WebhookAuth::Oauth2RefreshToken {
+                w.add(
+                    format!("sinks.webhook[{i}].auth"),
+                    "a refresh token the provider rotates is kept in memory only: after a restart the one in refresh_token_file is used again; if the provider revokes used refresh tokens, update the file",
+                );
+            }
+        }
         if self.store.synchronous == Synchronous::Normal {
             w.add(
                 "store.synchronous",
@@ -1256,6 +1293,13 @@ fn unique_name<'a>(
 /// The device id rule of every source ([`crate::sources::check_device_id`]) for a configured id.
 pub(crate) fn check_device_id(p: &mut Problems, key: &str, id: &str) {
     use crate::sources::DeviceIdError;
+    if id == crate::channel::GATEWAY_DEVICE {
+        p.add(
+            key,
+            format!("{id:?} is reserved for the gateway's own operational events"),
+        );
+        return;
+    }
     match crate::sources::check_device_id(id) {
         Ok(()) => {}
         Err(DeviceIdError::TooLong(n)) => {

@@ -11,15 +11,6 @@ use crate::clock::ClockSteps;
 use crate::config::Config;
 use crate::sinks::{HttpSink, MqttSink, SinkContext, WebhookSink};
 
-/// A sink's delivery loop, whatever its kind.
-type SinkRun = Box<
-    dyn FnOnce(
-            SinkContext,
-            CancellationToken,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), crate::sinks::Error>> + Send>,
-        > + Send,
->;
 use crate::sources::jsonl::JsonlLines;
 use crate::sources::modbus_source::ModbusSource;
 use crate::sources::mqtt::MqttSource;
@@ -36,6 +27,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// A sink's delivery loop, whatever its kind.
+type SinkRun = Box<
+    dyn FnOnce(
+            SinkContext,
+            CancellationToken,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), crate::sinks::Error>> + Send>,
+        > + Send,
+>;
 
 /// How often the sources' status is compared and, when changed, stored.
 const STATUS_EVERY: Duration = Duration::from_secs(2);

@@ -153,8 +153,9 @@ pub struct WebhookSinkConfig {
     /// 0 = never.
     #[serde(default = "default_failure_limit")]
     pub failure_limit: u32,
-    /// `true`: events that arrive during a ban become dead letters `banned` (the vendors'
-    /// lossy behaviour, but never silent). Default false: held and delivered afterwards.
+    /// `true`: while a ban lasts, every pending event the sink wants (the failing one too)
+    /// becomes a dead letter `banned` (the vendors' lossy behaviour, but never silent).
+    /// Default false: held and delivered afterwards.
     #[serde(default)]
     pub drop_during_ban: bool,
     #[serde(default = "default_hold_statuses")]
@@ -427,6 +428,10 @@ pub(crate) fn validate_webhook(p: &mut Problems, k: &str, s: &WebhookSinkConfig)
                 );
             }
             let sample = t.sample();
+            let token_is_http = s
+                .token_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("http://"));
             if let Some(u) = check_https_url(
                 p,
                 &format!("{k}.url"),
@@ -435,6 +440,7 @@ pub(crate) fn validate_webhook(p: &mut Problems, k: &str, s: &WebhookSinkConfig)
                 "allow_insecure_http",
             ) && u.scheme() == "https"
                 && s.allow_insecure_http
+                && !token_is_http
             {
                 p.add(
                     format!("{k}.allow_insecure_http"),
@@ -494,15 +500,15 @@ pub(crate) fn validate_webhook(p: &mut Problems, k: &str, s: &WebhookSinkConfig)
     // Auth: exactly the keys of the chosen scheme.
     let api_key_set = s.api_key_header.is_some()
         || s.api_key_query.is_some()
-        || s.api_key_file.is_some()
+        || some_path(&s.api_key_file).is_some()
         || s.api_key_env.is_some();
-    let bearer_set = s.bearer_token_file.is_some() || s.bearer_token_env.is_some();
+    let bearer_set = some_path(&s.bearer_token_file).is_some() || s.bearer_token_env.is_some();
     let oauth_set = s.token_url.is_some()
         || s.client_id.is_some()
-        || s.client_secret_file.is_some()
+        || some_path(&s.client_secret_file).is_some()
         || s.client_secret_env.is_some()
         || s.scope.is_some();
-    let refresh_set = s.refresh_token_file.is_some() || s.refresh_token_env.is_some();
+    let refresh_set = some_path(&s.refresh_token_file).is_some() || s.refresh_token_env.is_some();
     match s.auth {
         WebhookAuth::None => unused(
             p,
@@ -688,10 +694,11 @@ pub(crate) fn validate_webhook(p: &mut Problems, k: &str, s: &WebhookSinkConfig)
             "must be between 100 and 60000",
         );
     }
-    if !(201..=600).contains(&s.failure_status_min) {
+    // Above 300 a redirect, a 401 of a rotated key or a 404 would count as delivered: lost.
+    if !(201..=300).contains(&s.failure_status_min) {
         p.add(
             format!("{k}.failure_status_min"),
-            "must be between 201 and 600 (statuses from 200 up to it are successes)",
+            "must be between 201 and 300 (statuses from 200 up to it are successes; a redirect or an error is never one)",
         );
     }
     check_schedule(p, k, &s.retry_schedule_secs);
@@ -742,6 +749,11 @@ pub(crate) fn validate_webhook(p: &mut Problems, k: &str, s: &WebhookSinkConfig)
 pub(crate) fn validate_mqtt(p: &mut Problems, k: &str, s: &MqttSinkConfig) {
     if s.host.trim().is_empty() {
         p.add(format!("{k}.host"), "must not be empty");
+    } else if s.host.contains("://") || s.host.contains('/') {
+        p.add(
+            format!("{k}.host"),
+            "must be a host name or address only (no scheme or path); TLS is set by tls, the port by port",
+        );
     }
     if s.port == Some(0) {
         p.add(format!("{k}.port"), "must not be 0");

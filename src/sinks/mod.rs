@@ -1,6 +1,8 @@
 //! Sinks: the one delivery loop (the runner) shared by every sink kind, plus the kinds'
 //! transports. A kind is a [`Transport`] (batch → outcome) and a [`RunnerSettings`] built from its
-//! config; [`Sink`] runs any of them. Today: HTTP batches ([`HttpSink`]).
+//! config; [`Sink`] runs any of them: HTTP batches ([`HttpSink`]), webhook subscribers
+//! ([`WebhookSink`]: filters, bans, `DISABLED_DUE_TO_ERRORS`) and the MQTT upstream
+//! ([`MqttSink`]).
 //!
 //! Loop: wait for the retry time or a new commit mark, read a batch at the sink's own cursor
 //! (its own connection), move expired events to dead letters, deliver, record the verdict.
@@ -93,6 +95,18 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> impl std::future::Future<Output = ()> + Send {
         async {}
     }
+    /// Resolves when the receiver is reachable again (the MQTT sink's reconnect), so a retry
+    /// need not wait out the schedule; never, for kinds that cannot tell.
+    fn ready(&self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
+    /// Work the transport needs running beside the delivery loop (the MQTT connection), taken
+    /// once; the runner polls it in the sink's own task, and its end stops the sink (an error).
+    fn take_background(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        None
+    }
 }
 
 impl Transport for http::HttpTransport {
@@ -143,6 +157,16 @@ impl Transport for mqtt::MqttTransport {
 
     fn close(&self) -> impl std::future::Future<Output = ()> + Send {
         mqtt::MqttTransport::close(self)
+    }
+
+    fn ready(&self) -> impl std::future::Future<Output = ()> + Send {
+        mqtt::MqttTransport::connected(self)
+    }
+
+    fn take_background(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        mqtt::MqttTransport::take_link(self)
     }
 }
 
@@ -342,7 +366,23 @@ impl<T: Transport> Sink<T> {
     ///
     /// # Errors
     /// A blocking task that panicked, or a corrupt database (the daemon quarantines it).
-    pub async fn run(self, ctx: SinkContext, shutdown: CancellationToken) -> Result<(), Error> {
+    pub async fn run(mut self, ctx: SinkContext, shutdown: CancellationToken) -> Result<(), Error> {
+        let name = self.cfg.name.clone();
+        let Some(background) = self.transport.take_background() else {
+            return self.run_loop(ctx, shutdown).await;
+        };
+        // The transport's connection runs in this task beside the loop (and outlives it until
+        // `close` is done); if it ever ends first, the sink stops and the daemon reports it.
+        tokio::select! {
+            r = self.run_loop(ctx, shutdown) => r,
+            () = background => Err(Error::Join {
+                sink: name,
+                message: "the connection task ended".into(),
+            }),
+        }
+    }
+
+    async fn run_loop(self, ctx: SinkContext, shutdown: CancellationToken) -> Result<(), Error> {
         let name = self.cfg.name.clone();
         let mut runner = Runner {
             batch: BatchControl::new(self.cfg.batch_max_events),
@@ -549,61 +589,20 @@ impl<T: Transport> Runner<T> {
             // `max_consecutive_rejected` good events.
             self.consecutive_rejected = max_rejected;
         }
+        // The technician's switch as it was when this sink started: any later write to it is
+        // the technician's, whatever the two clocks say.
+        let me = name.clone();
+        let mut control_seen = st
+            .blocking(move |c, p| outbox::sink_control(c, p, &me))
+            .await??
+            .map(|c| c.updated_at);
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            // A ban ends by itself; with `drop_during_ban` the events that arrive meanwhile are
-            // dead letters `banned` (the vendors' behaviour, never silent), else they wait.
-            if st.row.status == outbox::STATUS_BANNED {
-                let now = crate::telemetry::now_ms();
-                let until = st.row.banned_until.unwrap_or(0);
-                if now >= until {
-                    tracing::info!(sink = %name, "Ban over; delivering again");
-                    st.row.status = outbox::STATUS_ACTIVE.to_string();
-                    st.row.next_attempt_at = None;
-                    st.dirty = true;
-                } else if self.sink.cfg.drop_during_ban {
-                    let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
-                    if !self.drop_banned(&mut st).await? {
-                        tokio::select! {
-                            r = self.ctx.committed.changed() => if r.is_err() { writer_gone = true; },
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = shutdown.cancelled() => break,
-                        }
-                        if writer_gone {
-                            break;
-                        }
-                    }
-                    continue;
-                }
-            }
-            if let Some(at) = st.row.next_attempt_at {
-                let wait = Duration::from_millis(
-                    u64::try_from(at.saturating_sub(crate::telemetry::now_ms())).unwrap_or(0),
-                );
-                if !wait.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    continue;
-                }
-            }
-            // A gateway without RTC boots with its clock in the past: signatures would carry a
-            // timestamp receivers reject, and ages would be wrong. Hold deliveries until it is set.
-            if crate::telemetry::now_ms() < crate::telemetry::CLOCK_SANE_MIN_MS {
-                if st.row.last_error.as_deref() != Some(CLOCK_NOT_SET) {
-                    tracing::warn!(sink = %name, "Gateway clock is not set (before 2024); holding deliveries until it is");
-                }
-                st.row.last_error = Some(CLOCK_NOT_SET.to_string());
-                st.row.next_attempt_at = Some(crate::telemetry::now_ms() + 10_000);
-                st.dirty = true;
-                st.flush(false).await?;
-                continue;
-            }
             // A technician's switch (`sink_control`), which the daemon only reads: a disabled
-            // sink holds its events (nothing is skipped) and looks again every second.
+            // sink holds its events (nothing is skipped, nothing dropped, even during a ban with
+            // `drop_during_ban`) and looks again every second.
             let me = name.clone();
             let control = st
                 .blocking(move |c, p| outbox::sink_control(c, p, &me))
@@ -620,25 +619,48 @@ impl<T: Transport> Runner<T> {
                     st.dirty = true;
                     st.flush(true).await?;
                 }
+                control_seen = Some(ctl.updated_at);
                 tokio::select! {
                     _ = tokio::time::sleep(CONTROL_POLL) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
             }
+            let now = crate::telemetry::now_ms();
             if st.row.status == outbox::STATUS_PAUSED {
-                tracing::info!(sink = %name, "Sink enabled again by a technician; delivering what it held");
-                st.row.status = outbox::STATUS_ACTIVE.to_string();
+                // Back from a pause: to what the sink was before it (disabled after errors, a
+                // ban still running), and enabling a sink disabled after errors re-enables it.
+                let by = control
+                    .as_ref()
+                    .and_then(|c| c.updated_by.clone())
+                    .unwrap_or_else(|| "a technician".into());
+                tracing::info!(sink = %name, by = %by, "Sink enabled again by a technician; delivering what it held");
                 st.row.last_error = None;
                 st.dirty = true;
+                if st.row.disabled_at.is_some() {
+                    self.reenable(&mut st, &format!("enabled by {by}")).await;
+                } else if st.row.banned_until.is_some_and(|b| b > now) {
+                    st.row.status = outbox::STATUS_BANNED.to_string();
+                    st.row.next_attempt_at = st.row.banned_until;
+                } else {
+                    st.row.status = outbox::STATUS_ACTIVE.to_string();
+                }
+                control_seen = control.as_ref().map(|c| c.updated_at);
             }
             // Disabled after errors: held until a technician enables it (a `sink_control` write
-            // newer than the disable) or the configuration changes (checked at start).
+            // since the disable) or the configuration changes (checked at start).
             if st.row.status == outbox::STATUS_DISABLED {
                 let disabled_at = st.row.disabled_at.unwrap_or(0);
-                if let Some(ctl) = control.filter(|c| c.enabled && c.updated_at > disabled_at) {
-                    let by = ctl.updated_by.unwrap_or_else(|| "a technician".into());
+                let enabled_since = control.as_ref().filter(|c| {
+                    c.enabled && (Some(c.updated_at) != control_seen || c.updated_at > disabled_at)
+                });
+                if let Some(ctl) = enabled_since {
+                    let by = ctl
+                        .updated_by
+                        .clone()
+                        .unwrap_or_else(|| "a technician".into());
                     tracing::info!(sink = %name, by = %by, "Sink re-enabled after errors; delivering what it held");
+                    control_seen = Some(ctl.updated_at);
                     self.reenable(&mut st, &format!("enabled by {by}")).await;
                 } else {
                     st.flush(false).await?;
@@ -648,6 +670,60 @@ impl<T: Transport> Runner<T> {
                     }
                     continue;
                 }
+            }
+            // A ban ends by itself; with `drop_during_ban` the events meanwhile are dead letters
+            // `banned` (the vendors' behaviour, never silent), else they wait.
+            if st.row.status == outbox::STATUS_BANNED {
+                let until = st.row.banned_until.unwrap_or(0);
+                if now >= until {
+                    tracing::info!(sink = %name, "Ban over; delivering again");
+                    st.row.status = outbox::STATUS_ACTIVE.to_string();
+                    st.row.next_attempt_at = None;
+                    st.dirty = true;
+                } else if self.sink.cfg.drop_during_ban {
+                    let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0))
+                        .min(CONTROL_POLL);
+                    if !self.drop_banned(&mut st).await? {
+                        tokio::select! {
+                            r = self.ctx.committed.changed() => if r.is_err() { writer_gone = true; },
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        if writer_gone {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+            }
+            if let Some(at) = st.row.next_attempt_at {
+                let wait =
+                    Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0));
+                if !wait.is_zero() {
+                    // Looked at again every second (a technician's switch), and at once when the
+                    // transport says the receiver is back (an MQTT reconnect) outside a ban.
+                    let banned = st.row.status == outbox::STATUS_BANNED;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait.min(CONTROL_POLL)) => {}
+                        () = self.sink.transport.ready(), if !banned => {
+                            st.row.next_attempt_at = None;
+                        }
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+            // A gateway without RTC boots with its clock in the past: signatures would carry a
+            // timestamp receivers reject, and ages would be wrong. Hold deliveries until it is set.
+            if now < crate::telemetry::CLOCK_SANE_MIN_MS {
+                if st.row.last_error.as_deref() != Some(CLOCK_NOT_SET) {
+                    tracing::warn!(sink = %name, "Gateway clock is not set (before 2024); holding deliveries until it is");
+                }
+                st.row.last_error = Some(CLOCK_NOT_SET.to_string());
+                st.row.next_attempt_at = Some((now + 10_000).max(st.row.banned_until.unwrap_or(0)));
+                st.dirty = true;
+                st.flush(false).await?;
+                continue;
             }
             let cursor = st.row.cursor;
             let filtered = self.sink.transport.filters();
@@ -844,6 +920,20 @@ impl<T: Transport> Runner<T> {
                     self.batch.rejected(batch.len(), last);
                     tracing::warn!(sink = %name, status, events = batch.len(), next = self.batch.limit, response = %snippet,
                         "Upstream rejected a batch; bisecting it to find the event it refuses");
+                }
+                Verdict::Permanent { status: 0, snippet } => {
+                    // Refused here, not by the receiver: this event cannot take the sink's shape
+                    // (a URL value that is a dot segment, an envelope that does not parse). A
+                    // fault of the event alone: a dead letter, and no sign about the receiver.
+                    let ev = &batch[0];
+                    tracing::error!(sink = %name, event = %ev.id, device = %ev.device, seq = ev.seq, problem = %snippet,
+                        "Event cannot be sent in this sink's shape; it moved to dead letters (invalid)");
+                    self.batch.done(last, true);
+                    st.row.cursor = last;
+                    st.row.next_attempt_at = None;
+                    st.row.last_error = Some(format!("invalid event: {snippet}"));
+                    st.dead_letter(batch, "invalid", None, Some(snippet))
+                        .await?;
                 }
                 Verdict::Permanent { status, snippet }
                     if self.consecutive_rejected >= max_rejected =>

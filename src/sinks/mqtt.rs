@@ -141,6 +141,9 @@ impl TopicTemplate {
     }
 }
 
+/// The connection task of an MQTT sink.
+pub type LinkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Why the sink could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -169,6 +172,10 @@ pub struct MqttTransport {
     commands: mpsc::Sender<Command>,
     connected: Arc<std::sync::atomic::AtomicBool>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Woken at every CONNACK.
+    connacks: Arc<tokio::sync::Notify>,
+    /// The connection task, until the runner takes it (a mutex only to be `Sync`).
+    link: std::sync::Mutex<Option<LinkFuture>>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -178,7 +185,8 @@ struct Meta {
 }
 
 impl MqttTransport {
-    /// Reads the TLS files and secrets and starts the connection task (within a Tokio runtime).
+    /// Reads the TLS files and secrets; the connection runs once the runner takes it
+    /// ([`MqttTransport::take_link`]).
     ///
     /// # Errors
     /// [`BuildError`] naming the sink and the problem.
@@ -245,6 +253,7 @@ impl MqttTransport {
         let (tx, rx) = mpsc::channel(4);
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let last_error = Arc::new(std::sync::Mutex::new(None));
+        let connacks = Arc::new(tokio::sync::Notify::new());
         let link = Link {
             name: cfg.name.clone(),
             host: format!("{}:{}", cfg.host, cfg.effective_port()),
@@ -253,9 +262,11 @@ impl MqttTransport {
             status_topic,
             connected: connected.clone(),
             last_error: last_error.clone(),
+            connacks: connacks.clone(),
         };
-        tokio::spawn(link.run(rx));
         Ok(MqttTransport {
+            connacks,
+            link: std::sync::Mutex::new(Some(Box::pin(link.run(rx)))),
             name: cfg.name.clone(),
             gateway: gateway.to_string(),
             topic,
@@ -272,6 +283,19 @@ impl MqttTransport {
         self.max_inflight
     }
 
+    /// The connection task, once: the runner polls it beside its loop.
+    pub fn take_link(&mut self) -> Option<LinkFuture> {
+        match self.link.get_mut() {
+            Ok(l) => l.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    /// Resolves at the next CONNACK (a reconnect after an outage).
+    pub async fn connected(&self) {
+        self.connacks.notified().await;
+    }
+
     /// Publishes the batch and waits for every PUBACK (or the first sign that some will not come).
     pub async fn deliver(&self, events: &[StoredEvent]) -> Outcome {
         if !self.connected.load(std::sync::atomic::Ordering::Acquire) {
@@ -283,9 +307,10 @@ impl MqttTransport {
                 .unwrap_or_else(|| "connecting".into());
             return Outcome::Connect(format!("broker not connected: {why}"));
         }
+        // The runner's batches are at most `max_inflight` events (RunnerSettings::mqtt); every
+        // event given is published, so `Acked` always covers the whole batch.
         let items = events
             .iter()
-            .take(self.max_inflight)
             .map(|e| {
                 let m: Meta = serde_json::from_str(&e.payload).unwrap_or_default();
                 let topic = self.topic.render(&TopicVars {
@@ -348,6 +373,7 @@ struct Link {
     status_topic: Option<String>,
     connected: Arc<std::sync::atomic::AtomicBool>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
+    connacks: Arc<tokio::sync::Notify>,
 }
 
 impl Link {
@@ -383,6 +409,15 @@ impl Link {
                 }
                 cmd = commands.recv(), if batch.is_none() && closing.is_none() => {
                     match cmd {
+                        // Asked for, then given up on (ack timeout) before it was read: never sent.
+                        Some(Command::Publish { reply, .. }) if reply.is_closed() => {}
+                        Some(Command::Publish { reply, .. })
+                            if !self.connected.load(std::sync::atomic::Ordering::Acquire) =>
+                        {
+                            // Between a lost connection and the next CONNACK nothing is queued:
+                            // every publish must map to a packet of the connection it goes out on.
+                            let _ = reply.send(Outcome::Connect("broker not connected".into()));
+                        }
                         Some(Command::Publish { items, reply }) => {
                             numbers += 1;
                             let total = items.len();
@@ -433,6 +468,7 @@ impl Link {
                     self.set_error(None);
                     self.connected
                         .store(true, std::sync::atomic::Ordering::Release);
+                    self.connacks.notify_waiters();
                     if let Some(t) = &self.status_topic
                         && self
                             .client

@@ -509,6 +509,58 @@ mod tests {
     }
 
     #[test]
+    fn a_v4_database_with_a_sink_migrates_to_v5_keeping_the_sink_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v4.db");
+        {
+            // A database as release v4 left it: its migrations, a sink row, a control row.
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA auto_vacuum = INCREMENTAL;")
+                .unwrap();
+            for m in &schema::MIGRATIONS[..4] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 4;
+                 INSERT INTO sinks (name, kind, cursor, status, consecutive_failures, attempts, delivered, updated_at)
+                 VALUES ('up', 'http', 41, 'ACTIVE', 2, 50, 40, 1);
+                 INSERT INTO sink_control (name, enabled, updated_at) VALUES ('up', 0, 5);"
+            ))
+            .unwrap();
+        }
+        let c = open(&p, Mode::ReadWrite, &Options::default()).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 5);
+        let row =
+            outbox::ensure_sink(&c, &p, "up", "http", crate::config::StartFrom::Oldest, 9).unwrap();
+        assert_eq!(
+            (
+                row.cursor,
+                row.consecutive_failures,
+                row.attempts,
+                row.delivered
+            ),
+            (41, 2, 50, 40)
+        );
+        assert_eq!(
+            (
+                row.successes,
+                row.banned_until,
+                row.disabled_at,
+                row.config_digest,
+                row.last_duration_ms
+            ),
+            (0, None, None, None, None),
+            "new columns start empty: no ban, no disable, and the first start records the digest"
+        );
+        let ctl = outbox::sink_control(&c, &p, "up").unwrap().unwrap();
+        assert!(!ctl.enabled);
+        assert!(outbox::recent_attempts(&c, &p, "up", 3).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_newer_schema_is_refused_and_left_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");

@@ -294,7 +294,7 @@ pub struct Attempt {
     /// HTTP status; 0 = no answer.
     pub status: i64,
     pub duration_ms: i64,
-    /// `timeout`, `connect`, `dns`, `tls`, `status`, `auth` or `other`.
+    /// `timeout`, `connect`, `dns`, `tls`, `status`, `auth`, `invalid` or `other`.
     pub error_kind: String,
     pub snippet: Option<String>,
 }
@@ -360,7 +360,9 @@ pub fn recent_attempts(
 /// Why an event became a dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadReason<'a> {
-    /// `rejected` (permanent HTTP error) or `expired` (TTL).
+    /// `rejected` (a permanent refusal of that event), `expired` (TTL), `unreadable` (a damaged
+    /// row), `banned` (a webhook with `drop_during_ban`) or `invalid` (it cannot take the
+    /// sink's shape).
     pub reason: &'a str,
     pub http_status: Option<u16>,
     pub snippet: Option<&'a str>,

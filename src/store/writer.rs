@@ -108,6 +108,9 @@ const DEAD_LETTER_SHARE: u64 = 10;
 const VACUUM_PAGES: i64 = 1024;
 /// Housekeeping runs at least this often while messages flow (and on every `Tick`).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Operational notes kept in memory while the disk refuses them (a few per sink at most).
+const NOTES_KEPT: usize = 64;
 /// Receipts on events older than this many positions are not carried over when GC deletes them.
 const RECEIPT_EVENTS_KEEP: i64 = 20_000;
 /// Events deleted per GC statement, to keep each housekeeping transaction short.
@@ -157,6 +160,8 @@ pub struct Writer {
     pending_status: Option<Vec<crate::channel::SourceStatus>>,
     /// Last seq of the gateway's own `operational` events (kept out of the device cache).
     gateway_seq: u64,
+    /// Operational notes not committed yet (the disk was busy or full).
+    pending_notes: Vec<crate::channel::OperationalNote>,
     last_gc_bound: i64,
     committed_tx: watch::Sender<i64>,
     stats: Arc<WriterStats>,
@@ -380,6 +385,7 @@ impl Writer {
             last_housekeeping: Instant::now(),
             pending_status: None,
             gateway_seq,
+            pending_notes: Vec::new(),
             last_gc_bound: -1,
             committed_tx,
             stats,
@@ -441,7 +447,7 @@ impl Writer {
                     continue;
                 }
                 WriterMsg::Operational(n) => {
-                    self.operational_with_retry(&n, || rx.is_closed())?;
+                    self.queue_note(&n)?;
                     continue;
                 }
             }
@@ -487,11 +493,14 @@ impl Writer {
                 self.session_lost(&src);
             }
             for n in notes.drain(..) {
-                self.operational_with_retry(&n, || rx.is_closed())?;
+                self.queue_note(&n)?;
             }
             // Also by elapsed time: under load the ticker's `try_send` can keep failing (freed
             // channel slots go to the sources waiting on it), and the cap, GC and snapshots
             // must run precisely then.
+            if !self.pending_notes.is_empty() {
+                self.flush_notes()?;
+            }
             if tick || self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 self.last_housekeeping = Instant::now();
                 let res = self.housekeeping(crate::telemetry::now_ms());
@@ -1022,6 +1031,7 @@ impl Writer {
                 if let Some(d) = text(r, 0)
                     && !self.cache.contains_key(&d)
                     && !self.s.reserved.contains_key(&d)
+                    && d != crate::channel::GATEWAY_DEVICE
                 {
                     out.push(d);
                 }
@@ -1051,29 +1061,36 @@ impl Writer {
     }
 
     /// Commits an `operational` note as an event of the gateway (device
-    /// [`crate::channel::GATEWAY_DEVICE`]); retried like a commit (a sink's health report must
-    /// not be lost to a busy database), given up only when the daemon is stopping.
-    fn operational_with_retry(
-        &mut self,
-        n: &crate::channel::OperationalNote,
-        stopping: impl Fn() -> bool,
-    ) -> Result<(), Error> {
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match self.commit_operational(n) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_corrupt() => return Err(e),
-                Err(e) if stopping() => {
-                    tracing::error!(sink = %n.sink, error = %e, "Operational note not recorded while stopping");
-                    return Ok(());
+    /// [`crate::channel::GATEWAY_DEVICE`]). A failure (a busy or full disk) never blocks the
+    /// writer: the note waits in memory (at most [`NOTES_KEPT`]) and is tried again after the
+    /// next commit or housekeeping run; only a corrupt file is an error.
+    fn queue_note(&mut self, n: &crate::channel::OperationalNote) -> Result<(), Error> {
+        if self.pending_notes.len() >= NOTES_KEPT {
+            tracing::error!(sink = %n.sink, state = %n.state, "Too many operational notes waiting for the disk; dropping the oldest");
+            self.pending_notes.remove(0);
+        }
+        self.pending_notes.push(n.clone());
+        self.flush_notes()
+    }
+
+    /// Commits the waiting operational notes, in order, until one fails.
+    fn flush_notes(&mut self) -> Result<(), Error> {
+        while let Some(n) = self.pending_notes.first().cloned() {
+            match self.commit_operational(&n) {
+                Ok(()) => {
+                    self.pending_notes.remove(0);
                 }
+                Err(e) if e.is_corrupt() => return Err(e),
                 Err(e) => {
-                    tracing::warn!(sink = %n.sink, error = %e, "Operational note not committed yet; retrying");
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
+                    if let Some(suppressed) = self.conflict_log.check("operational-note") {
+                        tracing::warn!(sink = %n.sink, error = %e, waiting = self.pending_notes.len(), suppressed,
+                            "Operational note not committed yet; trying again after the next commit");
+                    }
+                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
 
     fn commit_operational(&mut self, n: &crate::channel::OperationalNote) -> Result<(), Error> {

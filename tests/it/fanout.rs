@@ -442,8 +442,12 @@ async fn failure_limit_disables_the_sink_until_a_technician_or_a_config_change_e
         notes(&watcher).contains(&("disabled".to_string(), "hook".to_string()))
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(quiet.elapsed())).await;
-    assert_eq!(r.request_count(), 3, "a disabled sink sends nothing");
+    assert_holds_for(
+        "a disabled sink sends nothing",
+        Duration::from_secs(2).saturating_sub(quiet.elapsed()),
+        || r.request_count() == 3,
+    )
+    .await;
     // A technician enables it with the CLI while the daemon runs.
     let path = site.tc.db_path();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
@@ -508,8 +512,12 @@ async fn failure_limit_disables_the_sink_until_a_technician_or_a_config_change_e
     daemon.stop().await.unwrap();
     let (daemon, _p) = site.start().await;
     let n = r.request_count();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(r.request_count(), n, "still disabled after a restart");
+    assert_holds_for(
+        "still disabled after a restart",
+        Duration::from_millis(1500),
+        || r.request_count() == n,
+    )
+    .await;
     daemon.stop().await.unwrap();
     r.set_default(Reply::ok());
     site.tc.sink_set("hook", "failure_limit", "4");

@@ -52,7 +52,7 @@ pub use receiver::{
     Batch, Receiver, Reply, Request, RequestRule, Rule, check_duplicates_identical,
     check_seq_continues, check_seq_gap_free, dedup_by_id, of_device,
 };
-pub use wait::{TIMEOUT, wait_for_async, wait_until, wait_until_async};
+pub use wait::{TIMEOUT, assert_holds_for, wait_for_async, wait_until, wait_until_async};
 
 use hvac_edge::model::{Event, UnixMs, parse_rfc3339_ms};
 

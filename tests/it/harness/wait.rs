@@ -58,3 +58,20 @@ pub async fn wait_for_async<T>(
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Asserts that `cond` holds during the whole of `period` (polled every 20 ms): for what must
+/// *not* happen, e.g. a disabled sink sending nothing. Panics with `what` at the first breach.
+pub async fn assert_holds_for(what: &str, period: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + period;
+    loop {
+        assert!(
+            cond(),
+            "{what}: broken after {:?}",
+            period.saturating_sub(end.saturating_duration_since(Instant::now()))
+        );
+        if Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
