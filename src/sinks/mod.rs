@@ -1371,6 +1371,38 @@ mod tests {
     }
 
     #[test]
+    fn a_filtered_batch_takes_the_first_wanted_events_and_passes_over_the_rest() {
+        let batch: Vec<StoredEvent> = (1..=6).map(|p| event(p, NOW, "synced")).collect();
+        let even = |e: &StoredEvent| e.pos % 2 == 0;
+        let got = select(batch.clone(), 2, even);
+        assert_eq!(
+            got,
+            Selected::Some(vec![batch[1].clone(), batch[3].clone()]),
+            "pos 2 and 4; pos 1 and 3 are passed over with them, 5 and 6 wait"
+        );
+        assert_eq!(
+            select(batch.clone(), 10, |_| false),
+            Selected::None { last_pos: 6 }
+        );
+        assert_eq!(
+            select(batch.clone(), 0, |_| true),
+            Selected::Some(vec![batch[0].clone()])
+        );
+    }
+
+    #[test]
+    fn a_sink_is_not_sent_the_notes_about_itself() {
+        let mut e = event(1, NOW, "synced");
+        e.kind = "operational".into();
+        e.device = crate::channel::GATEWAY_DEVICE.into();
+        e.payload = r#"{"current":{"sink":"hook","state":"banned"}}"#.into();
+        assert!(is_note_about(&e, "hook"));
+        assert!(!is_note_about(&e, "other"));
+        e.device = "hall".into();
+        assert!(!is_note_about(&e, "hook"), "only the gateway's own notes");
+    }
+
+    #[test]
     fn store_errors_back_off_exponentially_to_a_minute() {
         let got: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 8, 100, u32::MAX]
             .iter()

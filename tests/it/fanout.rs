@@ -671,3 +671,74 @@ async fn removing_a_sink_frees_what_only_it_held_and_a_new_sink_starts_from_now_
     .await;
     daemon.stop().await.unwrap();
 }
+
+/// `hvac-edge sinks <verb> <name> --db <path>` as a technician would type it.
+fn cli(verb: &str, sink: &str, db: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["sinks", verb, sink, "--db"])
+        .arg(db)
+        .env("USER", "tech-bo")
+        .env_remove("SUDO_USER")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_over_a_disabled_sink_keeps_it_disabled_and_enabling_starts_it_afresh() {
+    let mut site = Site::new("fanout_pause_disabled");
+    let r = Receiver::start_with_default([], Reply::status(503)).await;
+    let watcher = Receiver::start([]).await;
+    site.tc
+        .webhook_sink("hook", &r)
+        .sink_set("hook", "failure_limit", "2")
+        .http_sink("ingest", &watcher);
+    let (daemon, mut p) = site.start().await;
+    site.setpoint(&mut p, &daemon, "hall", 21.0).await;
+    wait_until_async("disabled", TIMEOUT, || {
+        sink_col(&site.tc, "hook", "status").as_deref() == Some("DISABLED_DUE_TO_ERRORS")
+    })
+    .await;
+    let path = site.tc.db_path();
+    assert!(cli("disable", "hook", &path).status.success());
+    wait_until_async("paused", TIMEOUT, || {
+        sink_col(&site.tc, "hook", "status").as_deref() == Some("PAUSED")
+    })
+    .await;
+    assert!(
+        sink_col(&site.tc, "hook", "disabled_at").is_some(),
+        "the disable is kept under the pause"
+    );
+    // Enabling now is a re-enable: the failure count starts again (one more failure does not
+    // disable it at once), the others are told, and the held event is delivered.
+    r.set_default(Reply::ok());
+    assert!(cli("enable", "hook", &path).status.success());
+    let got = r.wait_unique_events(1, TIMEOUT).await;
+    let db = Db::open(&path);
+    assert_eq!(
+        ids(&got),
+        vec![device_events(&db)[0].id.clone()],
+        "the held event"
+    );
+    wait_until_async("enabled and recovered notes", TIMEOUT, || {
+        let n = notes(&watcher);
+        n.contains(&("enabled".to_string(), "hook".to_string()))
+            && n.contains(&("recovered".to_string(), "hook".to_string()))
+    })
+    .await;
+    assert_eq!(
+        sink_col(&site.tc, "hook", "status").as_deref(),
+        Some("ACTIVE")
+    );
+    assert_eq!(sink_col(&site.tc, "hook", "disabled_at"), None);
+    r.set_default(Reply::status(503));
+    site.setpoint(&mut p, &daemon, "hall", 22.0).await;
+    wait_until_async("one failure", TIMEOUT, || {
+        sink_col(&site.tc, "hook", "consecutive_failures").as_deref() == Some("1")
+    })
+    .await;
+    assert_eq!(
+        sink_col(&site.tc, "hook", "status").as_deref(),
+        Some("ACTIVE")
+    );
+    daemon.stop().await.unwrap();
+}
