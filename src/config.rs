@@ -1228,18 +1228,12 @@ impl MqttSourceConfig {
     pub fn tls_client_config(
         &self,
     ) -> Result<Option<rustls::ClientConfig>, Vec<crate::tls::FileError>> {
-        if !self.tls_enabled() {
-            return Ok(None);
-        }
-        let client_cert = match (&self.cert_file, &self.key_file) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
-        };
-        crate::tls::client_config(crate::tls::ClientFiles {
-            ca_file: self.ca_file.as_deref(),
-            client_cert,
-        })
-        .map(Some)
+        tls_config(
+            self.tls_enabled(),
+            self.ca_file.as_deref(),
+            self.cert_file.as_deref(),
+            self.key_file.as_deref(),
+        )
     }
 
     /// The client id in effect.
@@ -1261,6 +1255,24 @@ impl MappingConfig {
             values: self.values.clone(),
         }
     }
+}
+
+/// The rustls client configuration of an MQTT connection (a source or the upstream sink), or
+/// `None` without TLS; a client certificate needs both files.
+pub(crate) fn tls_config(
+    tls: bool,
+    ca_file: Option<&Path>,
+    cert_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<Option<rustls::ClientConfig>, Vec<crate::tls::FileError>> {
+    if !tls {
+        return Ok(None);
+    }
+    crate::tls::client_config(crate::tls::ClientFiles {
+        ca_file,
+        client_cert: cert_file.zip(key_file),
+    })
+    .map(Some)
 }
 
 fn unique_name<'a>(

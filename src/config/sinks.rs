@@ -244,18 +244,12 @@ impl MqttSinkConfig {
     pub fn tls_client_config(
         &self,
     ) -> Result<Option<rustls::ClientConfig>, Vec<crate::tls::FileError>> {
-        if !self.tls {
-            return Ok(None);
-        }
-        let client_cert = match (&self.cert_file, &self.key_file) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
-        };
-        crate::tls::client_config(crate::tls::ClientFiles {
-            ca_file: self.ca_file.as_deref(),
-            client_cert,
-        })
-        .map(Some)
+        super::tls_config(
+            self.tls,
+            self.ca_file.as_deref(),
+            self.cert_file.as_deref(),
+            self.key_file.as_deref(),
+        )
     }
 }
 

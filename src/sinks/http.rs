@@ -172,29 +172,40 @@ impl HttpTransport {
                 .header(signing::HEADER_TIMESTAMP, h.timestamp)
                 .header(signing::HEADER_SIGNATURE, h.signature);
         }
-        match req.body(body).send().await {
-            Ok(resp) => {
-                let code = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
-                let text = if resp.status().is_success() {
-                    String::new()
-                } else {
-                    read_prefix(resp, SNIPPET_BYTES).await
-                };
-                Outcome::Status {
-                    code,
-                    retry_after,
-                    snippet: text,
-                }
+        outcome_of(req.body(body).send().await, SNIPPET_BYTES, |t| t).await
+    }
+}
+
+/// What a sent request produced: the status, its `Retry-After`, and for a failure the start
+/// of the response (at most `snippet_bytes`, passed through `clean`, e.g. to redact);
+/// or the transport error.
+pub(crate) async fn outcome_of(
+    sent: Result<reqwest::Response, reqwest::Error>,
+    snippet_bytes: usize,
+    clean: impl FnOnce(String) -> String,
+) -> Outcome {
+    match sent {
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let text = if resp.status().is_success() {
+                String::new()
+            } else {
+                clean(read_prefix(resp, snippet_bytes).await)
+            };
+            Outcome::Status {
+                code,
+                retry_after,
+                snippet: text,
             }
-            Err(e) if e.is_timeout() => Outcome::Timeout,
-            Err(e) if e.is_connect() => Outcome::Connect(error_chain(e)),
-            Err(e) => Outcome::Other(error_chain(e)),
         }
+        Err(e) if e.is_timeout() => Outcome::Timeout,
+        Err(e) if e.is_connect() => Outcome::Connect(error_chain(e)),
+        Err(e) => Outcome::Other(error_chain(e)),
     }
 }
 

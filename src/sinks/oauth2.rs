@@ -563,14 +563,7 @@ fn transport_error(e: reqwest::Error) -> TokenError {
     }
     let connect = e.is_connect();
     // Without the URL: its query is the operator's to keep private.
-    let e = e.without_url();
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
+    let s = super::http::error_chain(e);
     if connect {
         TokenError::Connect(s)
     } else {

@@ -7,7 +7,7 @@
 //! The rules of failure, retry, ban and disable are the runner's (`mod.rs`): this file only turns
 //! a batch into an [`Outcome`].
 
-use super::delivery::{Outcome, parse_retry_after};
+use super::delivery::Outcome;
 use super::oauth2::{self, TokenSource};
 use super::signing::{self, SigningKey};
 use super::template::{BodyTemplate, UrlTemplate, Vars};
@@ -452,32 +452,13 @@ impl WebhookTransport {
                 .header(signing::HEADER_TIMESTAMP, h.timestamp)
                 .header(signing::HEADER_SIGNATURE, h.signature);
         }
-        match req.body(body).send().await {
-            Ok(resp) => {
-                let code = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
-                let text = if resp.status().is_success() {
-                    String::new()
-                } else {
-                    // A receiver may echo what it got: never store the sink's credentials.
-                    let mut known: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-                    known.extend(bearer);
-                    redact(super::http::read_prefix(resp, SNIPPET_BYTES).await, &known)
-                };
-                Outcome::Status {
-                    code,
-                    retry_after,
-                    snippet: text,
-                }
-            }
-            Err(e) if e.is_timeout() => Outcome::Timeout,
-            Err(e) if e.is_connect() => Outcome::Connect(super::http::error_chain(e)),
-            Err(e) => Outcome::Other(super::http::error_chain(e)),
-        }
+        // A receiver may echo what it got: never store the sink's credentials.
+        let mut known: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        known.extend(bearer);
+        super::http::outcome_of(req.body(body).send().await, SNIPPET_BYTES, |t| {
+            redact(t, &known)
+        })
+        .await
     }
 }
 
