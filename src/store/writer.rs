@@ -20,7 +20,7 @@ use crate::model::{
     Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
 };
 use crate::telemetry::RateLimit;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -541,7 +541,9 @@ impl Writer {
         let had = self.recent.remove(source).map_or(0, |s| s.order.len());
         let from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
         let res = (|| -> rusqlite::Result<usize> {
-            let tx = self.conn.transaction()?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut changed = 0;
             for (table, key, filter) in [
                 ("mqtt_recent", "id", "1 = 1 OR ?1 = 0"),
@@ -596,7 +598,9 @@ impl Writer {
     fn write_status(&mut self, status: &[crate::channel::SourceStatus]) {
         let now = crate::telemetry::now_ms();
         let res = (|| -> rusqlite::Result<()> {
-            let tx = self.conn.transaction()?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut up = tx.prepare_cached(
                     "INSERT INTO source_status (name, kind, status, updated_at) VALUES (?1, ?2, ?3, ?4) \
@@ -687,7 +691,12 @@ impl Writer {
         let mut dups = 0u64;
         let mut conflicts = 0u64;
         let mut rejected = 0u64;
-        let tx = self.conn.transaction().map_err(&c)?;
+        // IMMEDIATE: take the write lock first (waiting up to busy_timeout for a sink's save),
+        // instead of reading and then failing at once to upgrade after another connection wrote.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         let mut pos = self.last_pos;
         {
             let mut insert = tx
@@ -1040,7 +1049,10 @@ impl Writer {
         };
         let mut n = 0;
         if !old.is_empty() {
-            let tx = self.conn.transaction().map_err(&c)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&c)?;
             {
                 let mut del = tx
                     .prepare_cached("DELETE FROM devices WHERE device = ?1")
@@ -1116,7 +1128,10 @@ impl Writer {
             path: self.path.clone(),
             source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
         })?;
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         tx.execute(
             "INSERT INTO events (pos, id, device, seq, type, observed_at, payload) VALUES (?1, ?2, ?3, ?4, 'operational', ?5, ?6)",
             params![pos, ev.id, ev.device, seq_i64(seq), now, payload],
@@ -1152,7 +1167,10 @@ impl Writer {
         }
         let c = ctx(&self.path);
         let clock = clock_state(self.s.clock_source);
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         let mut pos = self.last_pos;
         let mut staged = Vec::new();
         for device in &due {
@@ -1195,7 +1213,10 @@ impl Writer {
             return Ok(());
         }
         let c = ctx(&self.path);
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         {
             let mut up = tx
                 .prepare_cached(
@@ -1257,7 +1278,10 @@ impl Writer {
         }
         // Receipts riding on events about to go are still needed if those messages are
         // redelivered: keep the recent ones in `mqtt_recent`, with their position.
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         tx.execute(
             "INSERT INTO mqtt_recent (receipts, pos)
              SELECT receipts, pos FROM events
@@ -1545,7 +1569,10 @@ impl Writer {
             return Ok(true);
         }
         self.checkpoint()?;
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         tx.execute(
             "INSERT INTO mqtt_recent (receipts, pos)
              SELECT receipts, pos FROM events
@@ -1573,7 +1600,10 @@ impl Writer {
     fn delete_positions(&mut self, positions: &[i64]) -> Result<(), Error> {
         let c = ctx(&self.path);
         let keep_from = self.last_pos.saturating_sub(RECEIPT_EVENTS_KEEP);
-        let tx = self.conn.transaction().map_err(&c)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&c)?;
         {
             let mut carry = tx
                 .prepare_cached(
