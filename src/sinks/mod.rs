@@ -268,7 +268,7 @@ impl RunnerSettings {
             name: cfg.name.clone(),
             kind: "mqtt",
             batch_max_events: usize::from(cfg.max_inflight.max(1)) * mqtt::BATCH_WINDOWS,
-            batch_max_bytes: 64 * 1024 * 1024,
+            batch_max_bytes: mqtt::BATCH_MAX_BYTES,
             request_timeout_ms: cfg.ack_timeout_ms,
             ttl_secs: cfg.ttl_secs,
             max_consecutive_rejected: u32::MAX,
