@@ -124,7 +124,14 @@ HZ=$(getconf CLK_TCK)
 
 # --- broker and counting subscriber ----------------------------------------------------------
 PORT=$(free_port)
+# Run as root, mosquitto switches to the user "mosquitto", which cannot write its persistence
+# file into this directory ("Error: Permission denied" at exit): the sessions would then not
+# survive the outage, and what the daemons publish before the counting subscriber is back would
+# be dropped by the broker (not lost by the daemons: they got their PUBACKs). Keep the user.
+RUN_AS=""
+[ "$(id -u)" -eq 0 ] && RUN_AS="user root"
 cat > "$WORK/mosquitto.conf" <<EOF
+$RUN_AS
 listener $PORT 127.0.0.1
 allow_anonymous true
 persistence true
@@ -327,7 +334,7 @@ REPORT="$WORK/report.txt"
                 t = substr($1, 1, length($1) - 1) - up; if (t >= 0) h[t]++ }
             END { for (t in h) printf "%d %d\n", t, h[t] }' "$WORK/mosquitto.log" | sort -n \
             | awk '{ printf "  +%ds: %d connections\n", $1, $2 }'
-        echo "  (the daemon's reconnect backoff: 0.5 s doubling to 30 s, no jitter)"
+        echo "  (the daemon's reconnect backoff: 0.5 s doubling to 30 s, each wait jittered down to half)"
     fi
     if [ "$WARNED" -gt 0 ]; then
         echo
