@@ -2200,6 +2200,30 @@ fn webhook_auth_needs_exactly_the_keys_of_its_scheme() {
 }
 
 #[test]
+fn hold_statuses_without_the_endpoint_statuses_are_a_warning() {
+    let text = format!(
+        "{GATEWAY}{}",
+        webhook("https://x.example.com/h", "hold_statuses = [401, 403]\n")
+    );
+    assert_eq!(problems_of(&text), vec![]);
+    let cfg: Config = toml::from_str(&text).unwrap();
+    assert_eq!(
+        cfg.warnings(),
+        vec![problem(
+            "sinks.webhook[0].hold_statuses",
+            "leaves out 404, 410: an expired key or a moved route would turn good events into \
+             dead letters (\"rejected\") instead of holding them"
+        )]
+    );
+    let cfg: Config = toml::from_str(&format!("{GATEWAY}{}", https(""))).unwrap();
+    assert_eq!(
+        cfg.warnings(),
+        vec![],
+        "the defaults hold every endpoint status"
+    );
+}
+
+#[test]
 fn mqtt_upstream_needs_tls_except_on_loopback_and_names_are_unique_across_kinds() {
     assert_problems(
         "[[sinks.mqtt]]\nname = \"cloud\"\nhost = \"broker.example.com\"\ntls = false\n",
