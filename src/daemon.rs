@@ -9,34 +9,18 @@
 
 use crate::clock::ClockSteps;
 use crate::config::Config;
-use crate::sinks::{HttpSink, MqttSink, SinkContext, WebhookSink};
+use crate::sinks::SinkContext;
 
-use crate::sources::jsonl::JsonlLines;
-use crate::sources::modbus_source::ModbusSource;
-use crate::sources::mqtt::MqttSource;
-use crate::sources::otgw_source::OtgwLines;
-use crate::sources::serial;
-use crate::sources::simulator::Simulator;
-use crate::sources::{Link, SharedStats, SourceStats, SourceStatus};
+use crate::sources::{SharedStats, SourceStatus};
 use crate::store::writer::{Writer, WriterMsg, WriterSettings, WriterStats};
 use crate::store::{self, Options};
+use crate::topology;
 use anyhow::Context as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// A sink's delivery loop, whatever its kind.
-type SinkRun = Box<
-    dyn FnOnce(
-            SinkContext,
-            CancellationToken,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), crate::sinks::Error>> + Send>,
-        > + Send,
->;
 
 /// How often the sources' status is compared and, when changed, stored.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -162,6 +146,31 @@ async fn run_once(
         device_expiry: Duration::from_secs(cfg.pipeline.device_expiry_secs),
     };
     let clock = Arc::new(ClockSteps::default());
+    // Build every source and sink before anything runs: a bad secret or port fails the start.
+    let components = {
+        let (db, opts, committed, clock, clock_source, notes) = (
+            db.clone(),
+            opts.clone(),
+            committed_rx.clone(),
+            clock.clone(),
+            cfg.gateway.clock,
+            obs_tx.downgrade(),
+        );
+        topology::build(
+            &cfg,
+            &topology::Wiring {
+                obs: obs_tx.clone(),
+                sink_context: Box::new(move || SinkContext {
+                    db: db.clone(),
+                    opts: opts.clone(),
+                    committed: committed.clone(),
+                    clock: clock.clone(),
+                    clock_source,
+                    notes: Some(notes.clone()),
+                }),
+            },
+        )?
+    };
     // Opening, migrating and replaying can take seconds on a large file: off the async workers.
     let mut writer = {
         let (db, opts, stats, clock) = (
@@ -204,124 +213,32 @@ async fn run_once(
         })
         .context("cannot start the writer thread")?;
 
-    let sources_token = CancellationToken::new();
-    let sinks_token = CancellationToken::new();
-    let sources = TaskTracker::new();
-    let sinks = TaskTracker::new();
+    // Start them under one supervisor; a component that stops on its own (store error, panic,
+    // bad secret) stops the daemon: exit 1 and systemd restarts it (style.md §2.4).
+    let (mut supervisor, mut fail_rx) = topology::Supervisor::new();
     let mut source_stats = Vec::new();
-    // A sink or source that stops on its own (store error, panic, bad secret) stops the daemon:
-    // exit 1 and let systemd restart it, rather than run on without delivering (style.md §2.4).
-    let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(16);
-
-    // Every sink kind runs in the same runner; a sink that stops on its own stops the daemon.
-    let notes = obs_tx.downgrade();
-    let spawn_sink = |name: String, run: SinkRun| {
-        let ctx = SinkContext {
-            db: db.clone(),
-            opts: opts.clone(),
-            committed: committed_rx.clone(),
-            clock: clock.clone(),
-            clock_source: cfg.gateway.clock,
-            notes: Some(notes.clone()),
-        };
-        let tok = sinks_token.clone();
-        let fail = fail_tx.clone();
-        sinks.spawn(async move {
-            let res = match tokio::spawn(run(ctx, tok)).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => anyhow::Error::new(e),
-                Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
-            };
-            let _ = fail.send(res.context(format!("sink {name} stopped"))).await;
-        });
-    };
-    for s in cfg.sinks.http.clone() {
-        let name = s.name.clone();
-        let sink = HttpSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
-        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
-    }
-    for s in cfg.sinks.webhook.clone() {
-        let name = s.name.clone();
-        let sink = WebhookSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
-        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
-    }
-    for s in cfg.sinks.mqtt.clone() {
-        let name = s.name.clone();
-        let sink = MqttSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
-        spawn_sink(name, Box::new(move |c, t| Box::pin(sink.run(c, t))));
-    }
-    for s in cfg.sources.mqtt.clone() {
-        let name = s.name.clone();
-        let stats: SharedStats = Arc::new(SourceStats::default());
-        source_stats.push((name.clone(), stats.clone()));
-        let src =
-            MqttSource::new(s, stats).with_context(|| format!("cannot start source {name}"))?;
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        let fail = fail_tx.clone();
-        sources.spawn(async move {
-            let res = match tokio::spawn(src.run(tx, tok)).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => anyhow::Error::new(e),
-                Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
-            };
-            let _ = fail
-                .send(res.context(format!("source {name} stopped")))
-                .await;
-        });
-    }
-    let mut kinds: Vec<&'static str> = vec!["mqtt"; cfg.sources.mqtt.len()];
-    for s in cfg.sources.otgw.clone() {
-        let stats: SharedStats = Arc::new(SourceStats::default());
-        source_stats.push((s.name.clone(), stats.clone()));
-        kinds.push("otgw");
-        let (proto, settings) = OtgwLines::new(&s, stats.clone());
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        let fut = serial::run_line_source(settings, proto, stats, tx, tok);
-        sources.spawn(watched(s.name.clone(), fut, fail_tx.clone()));
-    }
-    for s in cfg.sources.jsonl.clone() {
-        let name = s.name.clone();
-        let stats: SharedStats = Arc::new(SourceStats::default());
-        source_stats.push((name.clone(), stats.clone()));
-        kinds.push("jsonl");
-        let (proto, settings) = JsonlLines::new(&s, stats.clone())
-            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        let fut = serial::run_line_source(settings, proto, stats, tx, tok);
-        sources.spawn(watched(name, fut, fail_tx.clone()));
-    }
-    for s in cfg.sources.modbus.clone() {
-        let name = s.name.clone();
-        let stats: SharedStats = Arc::new(SourceStats::default());
-        source_stats.push((name.clone(), stats.clone()));
-        kinds.push("modbus");
-        let src = ModbusSource::new(s, stats)
-            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(watched(name, src.run(tx, tok), fail_tx.clone()));
-    }
-    for s in cfg.sources.simulator.clone() {
-        let stats: SharedStats = Arc::new(SourceStats::default());
-        stats.set_link(Link::None, crate::telemetry::now_ms(), None);
-        source_stats.push((s.name.clone(), stats.clone()));
-        kinds.push("simulator");
-        let sim = Simulator::new(s, stats);
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(sim.run(tx, tok));
+    let mut kinds: Vec<&'static str> = Vec::new();
+    let sink_count = components
+        .iter()
+        .filter(|c| c.role == topology::Role::Sink)
+        .count();
+    for c in components {
+        if let Some(st) = &c.stats {
+            source_stats.push((c.name.clone(), st.clone()));
+            kinds.push(c.kind);
+        }
+        supervisor.start(c);
     }
     {
         // The sources' status, stored for `hvac-edge sources` when it changed (at most every
         // STATUS_EVERY; nothing is written while nothing changes).
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
+        let tx = obs_tx.clone();
         let named: Vec<(String, &'static str, SharedStats)> = source_stats
             .iter()
             .zip(kinds.iter())
             .map(|((n, st), k)| (n.clone(), *k, st.clone()))
             .collect();
-        sources.spawn(async move {
+        supervisor.start_task(topology::Role::Source, "status", |tok| async move {
             let mut iv = tokio::time::interval(STATUS_EVERY);
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last: Vec<SourceStatus> = Vec::new();
@@ -339,8 +256,8 @@ async fn run_once(
         });
     }
     {
-        let (tx, tok) = (obs_tx.clone(), sources_token.clone());
-        sources.spawn(async move {
+        let tx = obs_tx.clone();
+        supervisor.start_task(topology::Role::Source, "ticker", |tok| async move {
             let mut iv = tokio::time::interval(Duration::from_secs(1));
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -352,13 +269,11 @@ async fn run_once(
         });
     }
     drop(obs_tx);
-    sources.close();
-    sinks.close();
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         gateway = %cfg.gateway.id, db = %db.display(), devices = devices_at_start,
-        sources = source_stats.len(), sinks = cfg.sinks.len(), "hvac-edge running"
+        sources = source_stats.len(), sinks = sink_count, "hvac-edge running"
     );
     if let Some(r) = ready {
         let _ = r.send(Handles {
@@ -370,7 +285,6 @@ async fn run_once(
 
     let mut fatal: Option<anyhow::Error> = None;
     let mut writer_result = None;
-    drop(fail_tx);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = &mut writer_done_rx => {
@@ -383,8 +297,7 @@ async fn run_once(
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("Shutting down: stopping sources, flushing the writer");
-    sources_token.cancel();
-    sources.wait().await;
+    supervisor.stop_sources().await;
     let writer_result = match writer_result {
         Some(r) => r,
         None => writer_done_rx.await,
@@ -398,9 +311,8 @@ async fn run_once(
             )))
         }
     }
-    sinks_token.cancel();
     let grace = Duration::from_secs(cfg.pipeline.shutdown_grace_secs);
-    if tokio::time::timeout(grace, sinks.wait()).await.is_err() {
+    if !supervisor.stop_sinks(grace).await {
         tracing::error!(
             grace_secs = grace.as_secs(),
             "Sinks still delivering after the grace period; exiting anyway (committed events are safe and will be resent)"
@@ -413,22 +325,6 @@ async fn run_once(
     match fatal {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// Runs a source that handles its own errors in its own task; a panic is reported on `fail`
-/// (which stops the daemon, exit 1) instead of leaving a dead source behind a stale status.
-async fn watched(
-    name: String,
-    fut: impl std::future::Future<Output = ()> + Send + 'static,
-    fail: mpsc::Sender<anyhow::Error>,
-) {
-    if let Err(join) = tokio::spawn(fut).await {
-        let _ = fail
-            .send(anyhow::anyhow!(
-                "source {name} stopped: task ended abnormally: {join}"
-            ))
-            .await;
     }
 }
 

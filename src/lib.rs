@@ -7,6 +7,8 @@
 //! - [`config`]: the TOML schema, defaults, validation naming the failing key.
 //! - [`model`]: canonical thermostat state, observations, changes, the event envelope.
 //! - [`diff`]: the pure diff engine (deadbands, minimum intervals, snapshots).
+//! - [`topology`]: every source and sink built from the config first, then run under one
+//!   supervisor keyed by name, each with its own cancellation token.
 //! - [`sources`]: MQTT (Zigbee2MQTT, generic JSON), serial ports (OpenTherm Gateway, Modbus RTU,
 //!   JSON lines) and the simulator; they emit observations and keep a status for `sources`.
 //! - [`store`]: the SQLite file: migrations, the writer thread (group commit, acks after commit),
@@ -31,3 +33,4 @@ pub mod sources;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod topology;

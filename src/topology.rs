@@ -1,0 +1,373 @@
+//! The daemon's topology: every source and sink is *built* from the config first (ports,
+//! mappings, secrets, TLS files: a problem fails the start before anything runs), then
+//! *started* under one [`Supervisor`] keyed by component name, each with its own cancellation
+//! token (a child of its role's token), so one can be stopped or replaced without touching the
+//! others (reload). Every task, component or internal, is reported the same way when it ends
+//! on its own: an error or a panic goes to the supervisor's failure channel, which stops the
+//! daemon (exit 1, systemd restarts it) rather than leave it running without a part.
+
+use crate::channel::WriterMsg;
+use crate::config::Config;
+use crate::sinks::{HttpSink, MqttSink, SinkContext, WebhookSink};
+use crate::sources::jsonl::JsonlLines;
+use crate::sources::modbus_source::ModbusSource;
+use crate::sources::mqtt::MqttSource;
+use crate::sources::otgw_source::OtgwLines;
+use crate::sources::serial;
+use crate::sources::simulator::Simulator;
+use crate::sources::{Link, SharedStats, SourceStats};
+use anyhow::Context as _;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What a component is to the daemon: sources stop first (their observations are committed),
+/// sinks last (they deliver what was committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Source,
+    Sink,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Sink => "sink",
+        }
+    }
+}
+
+/// A started component's work.
+pub type RunFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+type Run = Box<dyn FnOnce(CancellationToken) -> RunFuture + Send>;
+
+/// A source or sink, built and ready to start.
+pub struct Component {
+    /// Its config name (unique per role).
+    pub name: String,
+    /// `mqtt`, `otgw`, `http`, `webhook`, …
+    pub kind: &'static str,
+    pub role: Role,
+    /// A source's counters (what `hvac-edge sources` shows).
+    pub stats: Option<SharedStats>,
+    run: Run,
+}
+
+impl Component {
+    fn source(name: String, kind: &'static str, stats: SharedStats, run: Run) -> Component {
+        Component {
+            name,
+            kind,
+            role: Role::Source,
+            stats: Some(stats),
+            run,
+        }
+    }
+
+    fn sink(name: String, kind: &'static str, run: Run) -> Component {
+        Component {
+            name,
+            kind,
+            role: Role::Sink,
+            stats: None,
+            run,
+        }
+    }
+}
+
+/// What built components are wired to.
+pub struct Wiring {
+    /// The writer's channel (sources send observations on it).
+    pub obs: mpsc::Sender<WriterMsg>,
+    /// Each sink's context (database, commit mark, clock, notes).
+    pub sink_context: Box<dyn Fn() -> SinkContext + Send + Sync>,
+}
+
+/// Builds every source and sink of `cfg`, in config order (sources, then sinks); nothing runs
+/// yet.
+///
+/// # Errors
+/// The first component that cannot be built, named (an unreadable secret, a bad mapping, …).
+pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
+    let mut out = Vec::new();
+    for s in cfg.sources.mqtt.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        let src = MqttSource::new(s, stats.clone())
+            .with_context(|| format!("cannot start source {name}"))?;
+        let tx = w.obs.clone();
+        out.push(Component::source(
+            name,
+            "mqtt",
+            stats,
+            Box::new(move |tok| Box::pin(async move { Ok(src.run(tx, tok).await?) })),
+        ));
+    }
+    for s in cfg.sources.otgw.clone() {
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        let (proto, settings) = OtgwLines::new(&s, stats.clone());
+        let (tx, st) = (w.obs.clone(), stats.clone());
+        out.push(Component::source(
+            s.name.clone(),
+            "otgw",
+            stats,
+            Box::new(move |tok| {
+                Box::pin(async move {
+                    serial::run_line_source(settings, proto, st, tx, tok).await;
+                    Ok(())
+                })
+            }),
+        ));
+    }
+    for s in cfg.sources.jsonl.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        let (proto, settings) = JsonlLines::new(&s, stats.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
+        let (tx, st) = (w.obs.clone(), stats.clone());
+        out.push(Component::source(
+            name,
+            "jsonl",
+            stats,
+            Box::new(move |tok| {
+                Box::pin(async move {
+                    serial::run_line_source(settings, proto, st, tx, tok).await;
+                    Ok(())
+                })
+            }),
+        ));
+    }
+    for s in cfg.sources.modbus.clone() {
+        let name = s.name.clone();
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        let src = ModbusSource::new(s, stats.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
+        let tx = w.obs.clone();
+        out.push(Component::source(
+            name,
+            "modbus",
+            stats,
+            Box::new(move |tok| {
+                Box::pin(async move {
+                    src.run(tx, tok).await;
+                    Ok(())
+                })
+            }),
+        ));
+    }
+    for s in cfg.sources.simulator.clone() {
+        let stats: SharedStats = Arc::new(SourceStats::default());
+        stats.set_link(Link::None, crate::telemetry::now_ms(), None);
+        let name = s.name.clone();
+        let sim = Simulator::new(s, stats.clone());
+        let tx = w.obs.clone();
+        out.push(Component::source(
+            name,
+            "simulator",
+            stats,
+            Box::new(move |tok| {
+                Box::pin(async move {
+                    sim.run(tx, tok).await;
+                    Ok(())
+                })
+            }),
+        ));
+    }
+    for s in cfg.sinks.http.clone() {
+        let name = s.name.clone();
+        let sink = HttpSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        let ctx = (w.sink_context)();
+        out.push(Component::sink(
+            name,
+            "http",
+            Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
+        ));
+    }
+    for s in cfg.sinks.webhook.clone() {
+        let name = s.name.clone();
+        let sink = WebhookSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        let ctx = (w.sink_context)();
+        out.push(Component::sink(
+            name,
+            "webhook",
+            Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
+        ));
+    }
+    for s in cfg.sinks.mqtt.clone() {
+        let name = s.name.clone();
+        let sink = MqttSink::new(s, &cfg.gateway.id)
+            .with_context(|| format!("cannot start sink {name}"))?;
+        let ctx = (w.sink_context)();
+        out.push(Component::sink(
+            name,
+            "mqtt",
+            Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs components and the daemon's own tasks, each under its own token, and reports every
+/// task that ends on its own with an error or a panic.
+pub struct Supervisor {
+    sources: TaskTracker,
+    sinks: TaskTracker,
+    sources_token: CancellationToken,
+    sinks_token: CancellationToken,
+    fail: mpsc::Sender<anyhow::Error>,
+    running: HashMap<(Role, String), CancellationToken>,
+}
+
+impl Supervisor {
+    /// A supervisor and the receiving end of its failure reports.
+    pub fn new() -> (Supervisor, mpsc::Receiver<anyhow::Error>) {
+        let (fail, rx) = mpsc::channel(16);
+        (
+            Supervisor {
+                sources: TaskTracker::new(),
+                sinks: TaskTracker::new(),
+                sources_token: CancellationToken::new(),
+                sinks_token: CancellationToken::new(),
+                fail,
+                running: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Starts `c` with a token of its own (cancelled by [`Supervisor::stop`] or its role's stop).
+    pub fn start(&mut self, c: Component) {
+        let token = self.role_token(c.role).child_token();
+        self.running.insert((c.role, c.name.clone()), token.clone());
+        let label = format!("{} {}", c.role.as_str(), c.name);
+        let fut = (c.run)(token);
+        self.spawn(c.role, label, fut);
+    }
+
+    /// Starts one of the daemon's own tasks (status, ticker) under `role`'s token.
+    pub fn start_task<F>(&self, role: Role, label: &str, f: impl FnOnce(CancellationToken) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let fut = f(self.role_token(role).child_token());
+        self.spawn(
+            role,
+            label.to_string(),
+            Box::pin(async move {
+                fut.await;
+                Ok(())
+            }),
+        );
+    }
+
+    /// Cancels one running component (it finishes on its own terms, e.g. an in-flight request);
+    /// returns whether it was running.
+    pub fn stop(&mut self, role: Role, name: &str) -> bool {
+        match self.running.remove(&(role, name.to_string())) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Names of the running components of `role`.
+    pub fn names(&self, role: Role) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .running
+            .keys()
+            .filter(|(r, _)| *r == role)
+            .map(|(_, n)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stops every source and the daemon's own tasks, and waits for them.
+    pub async fn stop_sources(&self) {
+        self.sources_token.cancel();
+        self.sources.close();
+        self.sources.wait().await;
+    }
+
+    /// Stops every sink and waits for them at most `grace`; returns whether they all stopped.
+    pub async fn stop_sinks(&self, grace: Duration) -> bool {
+        self.sinks_token.cancel();
+        self.sinks.close();
+        tokio::time::timeout(grace, self.sinks.wait()).await.is_ok()
+    }
+
+    fn role_token(&self, role: Role) -> &CancellationToken {
+        match role {
+            Role::Source => &self.sources_token,
+            Role::Sink => &self.sinks_token,
+        }
+    }
+
+    fn spawn(&self, role: Role, label: String, fut: RunFuture) {
+        let fail = self.fail.clone();
+        let tracker = match role {
+            Role::Source => &self.sources,
+            Role::Sink => &self.sinks,
+        };
+        tracker.spawn(async move {
+            // Its own task, so that a panic arrives here as a JoinError.
+            let res = match tokio::spawn(fut).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
+            };
+            let _ = fail.send(res.context(format!("{label} stopped"))).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(name: &str, run: Run) -> Component {
+        Component::sink(name.into(), "test", run)
+    }
+
+    #[tokio::test]
+    async fn an_error_and_a_panic_are_reported_alike_and_a_stopped_component_is_not() {
+        let (mut sup, mut fails) = Supervisor::new();
+        sup.start(component(
+            "bad",
+            Box::new(|_| Box::pin(async { Err(anyhow::anyhow!("secret unreadable")) })),
+        ));
+        let e = fails.recv().await.unwrap_or_else(|| panic!("a report"));
+        assert_eq!(format!("{e:#}"), "sink bad stopped: secret unreadable");
+        sup.start(component(
+            "crash",
+            Box::new(|_| Box::pin(async { panic!("boom") })),
+        ));
+        let e = fails.recv().await.unwrap_or_else(|| panic!("a report"));
+        assert!(format!("{e:#}").starts_with("sink crash stopped: task ended abnormally"));
+        sup.start(component(
+            "calm",
+            Box::new(|tok| {
+                Box::pin(async move {
+                    tok.cancelled().await;
+                    Ok(())
+                })
+            }),
+        ));
+        assert_eq!(sup.names(Role::Sink), vec!["bad", "calm", "crash"]);
+        assert!(sup.stop(Role::Sink, "calm"));
+        assert!(!sup.stop(Role::Sink, "calm"));
+        assert!(sup.stop_sinks(Duration::from_secs(5)).await);
+        assert!(fails.try_recv().is_err(), "a stop is not a failure");
+    }
+}
