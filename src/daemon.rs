@@ -122,72 +122,112 @@ async fn run_once(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> anyhow::Result<()> {
-    let db = cfg.store.path.clone();
-    let opts = store_options(&cfg);
-    let (committed_tx, committed_rx) = watch::channel(0i64);
-    let (obs_tx, obs_rx) = mpsc::channel::<WriterMsg>(cfg.pipeline.queue_len);
-    let writer_stats = Arc::new(WriterStats::default());
-    let settings = WriterSettings {
-        gateway: cfg.gateway.id.clone(),
-        default_plant: cfg.gateway.plant.clone(),
-        devices: cfg.device_meta(),
-        policy: cfg.diff_policy(),
-        batch_max: cfg.pipeline.batch_max,
-        commit_delay: Duration::from_millis(cfg.pipeline.commit_delay_ms),
-        snapshot_interval_ms: (cfg.pipeline.snapshot_interval_secs as i64).saturating_mul(1000),
-        checkpoint_interval: Duration::from_secs(cfg.pipeline.checkpoint_interval_secs),
-        sinks: cfg.sinks.names(),
-        max_bytes: cfg.store.max_bytes,
-        max_events: cfg.store.max_events,
-        max_devices: cfg.pipeline.max_devices,
-        max_dead_letters: cfg.store.max_dead_letters,
-        clock_source: cfg.gateway.clock,
-        reserved: reserved_devices(&cfg),
-        device_expiry: Duration::from_secs(cfg.pipeline.device_expiry_secs),
-    };
-    let clock = Arc::new(ClockSteps::default());
-    // Build every source and sink before anything runs: a bad secret or port fails the start.
-    let components = {
-        let (db, opts, committed, clock, clock_source, notes) = (
-            db.clone(),
-            opts.clone(),
-            committed_rx.clone(),
-            clock.clone(),
-            cfg.gateway.clock,
-            obs_tx.downgrade(),
-        );
-        topology::build(
-            &cfg,
-            &topology::Wiring {
-                obs: obs_tx.clone(),
-                sink_context: Box::new(move || SinkContext {
-                    db: db.clone(),
-                    opts: opts.clone(),
-                    committed: committed.clone(),
-                    clock: clock.clone(),
-                    clock_source,
-                    notes: Some(notes.clone()),
-                }),
+    let pipes = Pipes::new(&cfg);
+    let components = build(&cfg, &pipes)?;
+    let mut writer = start_writer(&cfg, pipes.writer).await?;
+    let (mut supervisor, mut failures) = topology::Supervisor::new();
+    let handles = start(&mut supervisor, components, pipes.obs, &writer);
+    announce(&cfg, &writer, &handles, ready);
+    let fatal = wait(&shutdown, &mut writer, &mut failures).await;
+    stop(
+        &supervisor,
+        writer,
+        fatal,
+        Duration::from_secs(cfg.pipeline.shutdown_grace_secs),
+    )
+    .await
+}
+
+/// The channels and shared state between the writer, the sources and the sinks.
+struct Pipes {
+    obs: mpsc::Sender<WriterMsg>,
+    committed: watch::Receiver<i64>,
+    clock: Arc<ClockSteps>,
+    writer: WriterParts,
+}
+
+/// What the writer thread is started with.
+struct WriterParts {
+    rx: mpsc::Receiver<WriterMsg>,
+    committed: watch::Sender<i64>,
+    stats: Arc<WriterStats>,
+    clock: Arc<ClockSteps>,
+}
+
+impl Pipes {
+    fn new(cfg: &Config) -> Pipes {
+        let (committed_tx, committed_rx) = watch::channel(0i64);
+        let (obs_tx, obs_rx) = mpsc::channel::<WriterMsg>(cfg.pipeline.queue_len);
+        let clock = Arc::new(ClockSteps::default());
+        Pipes {
+            obs: obs_tx,
+            committed: committed_rx,
+            clock: clock.clone(),
+            writer: WriterParts {
+                rx: obs_rx,
+                committed: committed_tx,
+                stats: Arc::new(WriterStats::default()),
+                clock,
             },
-        )?
-    };
-    // Opening, migrating and replaying can take seconds on a large file: off the async workers.
-    let mut writer = {
-        let (db, opts, stats, clock) = (
-            db.clone(),
-            opts.clone(),
-            writer_stats.clone(),
-            clock.clone(),
-        );
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Writer> {
-            let (conn, _quarantined) = store::open_for_daemon(&db, &opts)?;
-            let mut w = Writer::open(conn, db, settings, committed_tx, stats)?;
-            w.set_clock(clock);
-            Ok(w)
-        })
-        .await
-        .context("the task opening the database failed")??
-    };
+        }
+    }
+}
+
+/// Builds every source and sink before anything runs: a bad secret or port fails the start.
+fn build(cfg: &Config, pipes: &Pipes) -> anyhow::Result<Vec<topology::Component>> {
+    let (db, opts, committed, clock, clock_source, notes) = (
+        cfg.store.path.clone(),
+        store_options(cfg),
+        pipes.committed.clone(),
+        pipes.clock.clone(),
+        cfg.gateway.clock,
+        pipes.obs.downgrade(),
+    );
+    topology::build(
+        cfg,
+        &topology::Wiring {
+            obs: pipes.obs.clone(),
+            sink_context: Box::new(move || SinkContext {
+                db: db.clone(),
+                opts: opts.clone(),
+                committed: committed.clone(),
+                clock: clock.clone(),
+                clock_source,
+                // Weak: the writer stops once the sources are gone, whatever the sinks hold.
+                notes: Some(notes.clone()),
+            }),
+        },
+    )
+}
+
+/// The running writer thread.
+struct RunningWriter {
+    stats: Arc<WriterStats>,
+    committed: watch::Receiver<i64>,
+    devices_at_start: usize,
+    done: tokio::sync::oneshot::Receiver<Result<(), store::Error>>,
+    result: Option<Result<Result<(), store::Error>, tokio::sync::oneshot::error::RecvError>>,
+}
+
+/// Opens (quarantining a damaged file), migrates and replays the database off the async
+/// workers, then runs the writer on its own OS thread; it pets the watchdog after every commit.
+async fn start_writer(cfg: &Config, parts: WriterParts) -> anyhow::Result<RunningWriter> {
+    let (db, opts, settings) = (
+        cfg.store.path.clone(),
+        store_options(cfg),
+        writer_settings(cfg),
+    );
+    let committed = parts.committed.subscribe();
+    let (stats, clock, committed_tx) = (parts.stats.clone(), parts.clock, parts.committed);
+    let open_stats = stats.clone();
+    let mut writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Writer> {
+        let (conn, _quarantined) = store::open_for_daemon(&db, &opts)?;
+        let mut w = Writer::open(conn, db, settings, committed_tx, open_stats)?;
+        w.set_clock(clock);
+        Ok(w)
+    })
+    .await
+    .context("the task opening the database failed")??;
     let devices_at_start = writer.device_count();
     let mut last_status = Instant::now() - Duration::from_secs(60);
     writer.on_commit(move |st: &WriterStats| {
@@ -204,105 +244,134 @@ async fn run_once(
         }
     });
     let rt = tokio::runtime::Handle::current();
-    let (writer_done_tx, mut writer_done_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let rx = parts.rx;
     std::thread::Builder::new()
         .name("hvac-edge-writer".into())
         .spawn(move || {
-            let res = writer.run(obs_rx, rt);
-            let _ = writer_done_tx.send(res);
+            let _ = done_tx.send(writer.run(rx, rt));
         })
         .context("cannot start the writer thread")?;
+    Ok(RunningWriter {
+        stats,
+        committed,
+        devices_at_start,
+        done,
+        result: None,
+    })
+}
 
-    // Start them under one supervisor; a component that stops on its own (store error, panic,
-    // bad secret) stops the daemon: exit 1 and systemd restarts it (style.md §2.4).
-    let (mut supervisor, mut fail_rx) = topology::Supervisor::new();
-    let mut source_stats = Vec::new();
+/// Starts every component and the daemon's own tasks (status, ticker); returns the handles.
+/// `obs` is dropped here: from now on only the sources and the daemon's tasks hold the writer's
+/// channel, so the writer stops once they are stopped.
+fn start(
+    supervisor: &mut topology::Supervisor,
+    components: Vec<topology::Component>,
+    obs: mpsc::Sender<WriterMsg>,
+    writer: &RunningWriter,
+) -> Handles {
+    let mut sources = Vec::new();
     let mut kinds: Vec<&'static str> = Vec::new();
-    let sink_count = components
-        .iter()
-        .filter(|c| c.role == topology::Role::Sink)
-        .count();
     for c in components {
         if let Some(st) = &c.stats {
-            source_stats.push((c.name.clone(), st.clone()));
+            sources.push((c.name.clone(), st.clone()));
             kinds.push(c.kind);
         }
         supervisor.start(c);
     }
-    {
-        // The sources' status, stored for `hvac-edge sources` when it changed (at most every
-        // STATUS_EVERY; nothing is written while nothing changes).
-        let tx = obs_tx.clone();
-        let named: Vec<(String, &'static str, SharedStats)> = source_stats
-            .iter()
-            .zip(kinds.iter())
-            .map(|((n, st), k)| (n.clone(), *k, st.clone()))
-            .collect();
-        supervisor.start_task(topology::Role::Source, "status", |tok| async move {
-            let mut iv = tokio::time::interval(STATUS_EVERY);
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last: Vec<SourceStatus> = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = iv.tick() => {}
-                    _ = tok.cancelled() => break,
-                }
-                let now: Vec<SourceStatus> =
-                    named.iter().map(|(n, k, st)| st.snapshot(n, k)).collect();
-                if now != last && tx.try_send(WriterMsg::Status(now.clone())).is_ok() {
-                    last = now;
-                }
+    // The sources' status, stored for `hvac-edge sources` when it changed (at most every
+    // STATUS_EVERY; nothing is written while nothing changes).
+    let tx = obs.clone();
+    let named: Vec<(String, &'static str, SharedStats)> = sources
+        .iter()
+        .zip(kinds.iter())
+        .map(|((n, st), k)| (n.clone(), *k, st.clone()))
+        .collect();
+    supervisor.start_task(topology::Role::Source, "status", |tok| async move {
+        let mut iv = tokio::time::interval(STATUS_EVERY);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Vec<SourceStatus> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = iv.tick() => {}
+                _ = tok.cancelled() => break,
             }
-        });
-    }
-    {
-        let tx = obs_tx.clone();
-        supervisor.start_task(topology::Role::Source, "ticker", |tok| async move {
-            let mut iv = tokio::time::interval(Duration::from_secs(1));
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = iv.tick() => { let _ = tx.try_send(WriterMsg::Tick); }
-                    _ = tok.cancelled() => break,
-                }
+            let now: Vec<SourceStatus> = named.iter().map(|(n, k, st)| st.snapshot(n, k)).collect();
+            if now != last && tx.try_send(WriterMsg::Status(now.clone())).is_ok() {
+                last = now;
             }
-        });
+        }
+    });
+    supervisor.start_task(topology::Role::Source, "ticker", |tok| async move {
+        let mut iv = tokio::time::interval(Duration::from_secs(1));
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = iv.tick() => { let _ = obs.try_send(WriterMsg::Tick); }
+                _ = tok.cancelled() => break,
+            }
+        }
+    });
+    Handles {
+        writer: writer.stats.clone(),
+        committed: writer.committed.clone(),
+        sources,
     }
-    drop(obs_tx);
+}
 
+/// `READY=1` (the database is open and migrated, every task started) and the start line.
+fn announce(
+    cfg: &Config,
+    writer: &RunningWriter,
+    handles: &Handles,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
-        gateway = %cfg.gateway.id, db = %db.display(), devices = devices_at_start,
-        sources = source_stats.len(), sinks = sink_count, "hvac-edge running"
+        gateway = %cfg.gateway.id, db = %cfg.store.path.display(), devices = writer.devices_at_start,
+        sources = handles.sources.len(), sinks = cfg.sinks.len(), "hvac-edge running"
     );
     if let Some(r) = ready {
-        let _ = r.send(Handles {
-            writer: writer_stats.clone(),
-            committed: committed_rx.clone(),
-            sources: source_stats,
-        });
+        let _ = r.send(handles.clone());
     }
+}
 
-    let mut fatal: Option<anyhow::Error> = None;
-    let mut writer_result = None;
+/// Waits for a stop: `shutdown`, the writer ending (an error is fatal), or a component that
+/// stopped on its own (fatal). Returns the fatal error, if any.
+async fn wait(
+    shutdown: &CancellationToken,
+    writer: &mut RunningWriter,
+    failures: &mut mpsc::Receiver<anyhow::Error>,
+) -> Option<anyhow::Error> {
     tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = &mut writer_done_rx => {
-            writer_result = Some(r);
+        _ = shutdown.cancelled() => None,
+        r = &mut writer.done => {
+            writer.result = Some(r);
+            None
         }
-        Some(e) = fail_rx.recv() => {
+        Some(e) = failures.recv() => {
             tracing::error!(error = format!("{e:#}"), "A component stopped; shutting down so that systemd restarts the daemon");
-            fatal = Some(e);
+            Some(e)
         }
     }
+}
+
+/// The shutdown order: sources (and the daemon's tasks) stop; the writer drains, commits, acks
+/// and exits; the sinks get `grace` to finish what is in flight.
+async fn stop(
+    supervisor: &topology::Supervisor,
+    writer: RunningWriter,
+    mut fatal: Option<anyhow::Error>,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("Shutting down: stopping sources, flushing the writer");
     supervisor.stop_sources().await;
-    let writer_result = match writer_result {
+    let result = match writer.result {
         Some(r) => r,
-        None => writer_done_rx.await,
+        None => writer.done.await,
     };
-    match writer_result {
+    match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => fatal = fatal.or(Some(anyhow::Error::new(e).context("the writer failed"))),
         Err(_) => {
@@ -311,7 +380,6 @@ async fn run_once(
             )))
         }
     }
-    let grace = Duration::from_secs(cfg.pipeline.shutdown_grace_secs);
     if !supervisor.stop_sinks(grace).await {
         tracing::error!(
             grace_secs = grace.as_secs(),
@@ -319,12 +387,34 @@ async fn run_once(
         );
     }
     tracing::info!(
-        events = writer_stats.events.load(Ordering::Relaxed),
+        events = writer.stats.events.load(Ordering::Relaxed),
         "hvac-edge stopped"
     );
     match fatal {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The writer's settings from the config.
+fn writer_settings(cfg: &Config) -> WriterSettings {
+    WriterSettings {
+        gateway: cfg.gateway.id.clone(),
+        default_plant: cfg.gateway.plant.clone(),
+        devices: cfg.device_meta(),
+        policy: cfg.diff_policy(),
+        batch_max: cfg.pipeline.batch_max,
+        commit_delay: Duration::from_millis(cfg.pipeline.commit_delay_ms),
+        snapshot_interval_ms: (cfg.pipeline.snapshot_interval_secs as i64).saturating_mul(1000),
+        checkpoint_interval: Duration::from_secs(cfg.pipeline.checkpoint_interval_secs),
+        sinks: cfg.sinks.names(),
+        max_bytes: cfg.store.max_bytes,
+        max_events: cfg.store.max_events,
+        max_devices: cfg.pipeline.max_devices,
+        max_dead_letters: cfg.store.max_dead_letters,
+        clock_source: cfg.gateway.clock,
+        reserved: reserved_devices(cfg),
+        device_expiry: Duration::from_secs(cfg.pipeline.device_expiry_secs),
     }
 }
 
