@@ -11,6 +11,8 @@ mod bad_input;
 mod cli;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
+/// Deployment: the daemon's topology (build before start).
+mod deploy;
 /// Fan-out: webhook, HTTP and MQTT sinks at once; the webhook delivery rules (750 ms, bans,
 /// disable, drop_during_ban, expiry, 410), filters, templates and the Smarther C2C body.
 mod fanout;
