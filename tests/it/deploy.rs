@@ -29,3 +29,83 @@ async fn a_component_that_cannot_be_built_fails_the_start_before_the_database_is
         "the source never connected"
     );
 }
+
+/// `systemd-analyze` (package `systemd`; scripts/test.sh installs it where it is missing).
+fn systemd_analyze(args: &[&str], unit: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("systemd-analyze")
+        .args(args)
+        .arg(unit)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("systemd-analyze not found ({e}): run scripts/test.sh, it installs systemd")
+        })
+}
+
+#[test]
+fn the_unit_verifies_and_rates_at_most_2_0_exposure() {
+    let sb = Sandbox::new("deploy_unit");
+    let unit = include_str!("../../systemd/hvac-edge.service");
+    // `verify` checks that ExecStart= is executable: point it at the binary just built.
+    let local = unit.replace(
+        "ExecStart=/usr/bin/hvac-edge run",
+        &format!("ExecStart={} run", env!("CARGO_BIN_EXE_hvac-edge")),
+    );
+    assert_ne!(local, unit, "the unit starts /usr/bin/hvac-edge run");
+    let path = sb.path().join("hvac-edge.service");
+    std::fs::write(&path, local).unwrap();
+    let out = systemd_analyze(&["verify"], &path);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = systemd_analyze(&["security", "--offline=true", "--no-pager"], &path);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for hvac-edge.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
+    // Each check the tool still flags is an exception the unit's comments explain.
+    let comments: String = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for exception in [
+        "PrivateDevices=",
+        "ProtectClock=",
+        "PrivateNetwork=",
+        "IPAddressDeny=",
+        "PrivateUsers=",
+    ] {
+        assert!(
+            comments.contains(&format!("not {exception}"))
+                || comments.contains(&format!("No {exception}"))
+                || comments.contains(&format!("or {exception}")),
+            "no comment explains why the unit has no {exception}"
+        );
+    }
+}
+
+#[test]
+fn sysusers_and_tmpfiles_entries_name_the_user_its_group_and_private_directories() {
+    let sysusers = include_str!("../../systemd/hvac-edge.sysusers");
+    let lines: Vec<&str> = sysusers.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "u hvac-edge - \"hvac-edge HVAC gateway daemon\" /var/lib/hvac-edge /usr/sbin/nologin",
+            "m hvac-edge dialout"
+        ]
+    );
+    let tmpfiles = include_str!("../../systemd/hvac-edge.tmpfiles");
+    assert!(tmpfiles.contains("d /var/lib/hvac-edge 0750 hvac-edge hvac-edge -"));
+    assert!(tmpfiles.contains("d /etc/hvac-edge 0750 root hvac-edge -"));
+}
