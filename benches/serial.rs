@@ -238,7 +238,7 @@ fn modbus(cpu_secs_window: u64, samples: usize) -> anyhow::Result<()> {
         ),
     )?;
     let daemon = Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
-        .args(["run", "-c", &config.display().to_string()])
+        .args(["run", "--allow-root", "-c", &config.display().to_string()])
         .stdout(Stdio::null())
         .spawn()?;
     let pid = daemon.id();

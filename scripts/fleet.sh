@@ -190,7 +190,7 @@ port = $PORT
 tls = false
 client_id = "hvac-edge-$gw"
 EOF
-    "$BIN" run -c "$d/hvac-edge.toml" > "$d/daemon.log" 2>&1 &
+    "$BIN" run --allow-root -c "$d/hvac-edge.toml" > "$d/daemon.log" 2>&1 &
     DAEMONS+=($!)
 done
 

@@ -39,7 +39,7 @@ fn main() {
         Command::Sources { db, json } => {
             report(db.path().and_then(|p| cli::sources::run(&p, json)))
         }
-        Command::Run { config } => run_daemon(&config),
+        Command::Run { config, allow_root } => run_daemon(&config, allow_root),
         Command::Demo {
             duration_secs,
             outage_at_secs,
@@ -83,7 +83,16 @@ fn report(res: anyhow::Result<()>) -> i32 {
     }
 }
 
-fn run_daemon(path: &std::path::Path) -> i32 {
+fn run_daemon(path: &std::path::Path, allow_root: bool) -> i32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if !allow_root && unsafe { libc::geteuid() } == 0 {
+        eprintln!(
+            "error: refusing to run as root: run it as the system user hvac-edge (the systemd unit \
+             does), or pass --allow-root"
+        );
+        // A setup problem like an invalid config: the unit must not restart it in a loop.
+        return cli::EXIT_CONFIG;
+    }
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -98,6 +98,8 @@ impl Daemon {
         };
         let child = cmd
             .arg("run")
+            // The bench may run as root (containers); the daemon refuses that without the flag.
+            .arg("--allow-root")
             .arg("-c")
             .arg(config)
             .stdin(Stdio::null())

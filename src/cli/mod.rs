@@ -33,6 +33,10 @@ pub enum Command {
         /// Config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Run even as root (the systemd unit runs it as the user hvac-edge; as root a bug in a
+        /// parser of device input would own the gateway).
+        #[arg(long)]
+        allow_root: bool,
     },
     /// Run the whole pipeline on an embedded config with a simulated fleet and an in-process
     /// receiver that verifies signatures and goes away for a while.

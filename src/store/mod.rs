@@ -62,6 +62,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create or make private (0600) the database {path}: {source}")]
+    Private {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("database {path} does not exist (has the daemon run yet?)")]
     Missing { path: PathBuf },
     #[error("database {path} has schema version {found}; run the daemon once to migrate it")]
@@ -150,16 +155,64 @@ pub(crate) fn ctx(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
 ///
 /// # Errors
 /// [`Error`] naming the file: cannot open, foreign or newer schema, failed migration (rolled back).
+/// Creates the database file with mode 0600 if it is missing (SQLite gives its WAL and shared
+/// memory files the database's mode), and takes group and other access away from an existing one.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let err = |source| Error::Private {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(err)?;
+        }
+        Err(e) => return Err(err(e)),
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o077 != 0 => {
+            let mode = m.permissions().mode() & 0o700;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        }
+        Ok(_) => {}
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = std::path::PathBuf::from(side);
+        if let Ok(m) = std::fs::metadata(&side)
+            && m.is_file()
+            && m.permissions().mode() & 0o077 != 0
+        {
+            let mode = m.permissions().mode() & 0o700;
+            std::fs::set_permissions(&side, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn open(path: &Path, mode: Mode, opts: &Options) -> Result<Connection> {
     let c = ctx(path);
     let flags = match mode {
         Mode::ReadWrite => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+                // Directories it creates are 0750 and the database 0600, whatever the umask:
+                // events name the household's devices and habits.
+                use std::os::unix::fs::DirBuilderExt as _;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o750)
+                    .create(dir)
+                    .map_err(|source| Error::CreateDir {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
             }
+            private_file(path)?;
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
         }
         Mode::Existing | Mode::ReadOnly => {
@@ -558,6 +611,30 @@ mod tests {
         let ctl = outbox::sink_control(&c, &p, "up").unwrap().unwrap();
         assert!(!ctl.enabled);
         assert!(outbox::recent_attempts(&c, &p, "up", 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_database_directory_is_0750_and_its_files_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state/sub/db.sqlite");
+        let c = open(&p, Mode::ReadWrite, &Options::default()).unwrap();
+        c.execute_batch("CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let mode = |q: &Path| std::fs::metadata(q).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("state")), 0o750);
+        assert_eq!(mode(&dir.path().join("state/sub")), 0o750);
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(
+            mode(&dir.path().join("state/sub/db.sqlite-wal")),
+            0o600,
+            "SQLite copies it"
+        );
+        drop(c);
+        // A file left readable by others (copied in by hand) is made private at the next open.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        open(&p, Mode::ReadWrite, &Options::default()).unwrap();
+        assert_eq!(mode(&p), 0o600);
     }
 
     #[test]

@@ -207,7 +207,7 @@ fn check_config_refuses_a_secret_file_readable_by_others() {
 #[test]
 fn run_refuses_an_invalid_config_with_exit_78() {
     let f = fixture("bad-several-problems.toml");
-    let out = hvac_edge(&["run", "-c", path_str(&f)]);
+    let out = hvac_edge(&["run", "--allow-root", "-c", path_str(&f)]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{stderr}");
     assert!(stderr.contains("gateway.id: must not be empty"), "{stderr}");
@@ -228,7 +228,7 @@ impl Daemon {
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()))
         };
         let child = Command::new(BIN)
-            .args(["run", "-c", path_str(config)])
+            .args(["run", "--allow-root", "-c", path_str(config)])
             .current_dir(root())
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")

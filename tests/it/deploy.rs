@@ -109,3 +109,32 @@ fn sysusers_and_tmpfiles_entries_name_the_user_its_group_and_private_directories
     assert!(tmpfiles.contains("d /var/lib/hvac-edge 0750 hvac-edge hvac-edge -"));
     assert!(tmpfiles.contains("d /etc/hvac-edge 0750 root hvac-edge -"));
 }
+
+#[test]
+fn the_daemon_refuses_to_run_as_root_without_allow_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: nothing to refuse here (the check needs a root test run)");
+        return;
+    }
+    let sb = Sandbox::new("deploy_root");
+    let path = TestConfig::new(&sb).write("hvac-edge.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "EX_CONFIG: systemd does not restart it in a loop"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: refusing to run as root: run it as the system user hvac-edge (the systemd unit does), or pass --allow-root\n"
+    );
+    assert!(
+        !sb.path().join("hvac-edge.db").exists(),
+        "nothing was opened"
+    );
+}

@@ -128,7 +128,8 @@ impl DaemonProcess {
     /// Spawns `hvac-edge run -c <config>`; output goes to `<log_dir>/daemon-<pid>.{stdout,stderr}`.
     /// `envs` are extra environment variables (e.g. `RUST_LOG`, secrets for `*_env` keys).
     pub fn spawn(config: &Path, log_dir: &Path, envs: &[(&str, &str)]) -> DaemonProcess {
-        Self::spawn_args(&["run", "-c"], config, log_dir, envs)
+        // Tests may run as root (containers): the daemon refuses that without --allow-root.
+        Self::spawn_args(&["run", "--allow-root", "-c"], config, log_dir, envs)
     }
 
     /// Spawns the binary with `args` followed by `config`; see [`DaemonProcess::spawn`].
