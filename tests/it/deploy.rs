@@ -138,3 +138,71 @@ fn the_daemon_refuses_to_run_as_root_without_allow_root() {
         "nothing was opened"
     );
 }
+
+/// Reads sd_notify datagrams until one satisfies `done` (or `timeout`); returns them all.
+fn notifications(
+    sock: &std::os::unix::net::UnixDatagram,
+    timeout: std::time::Duration,
+    mut done: impl FnMut(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&got) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for notifications; got {got:?}"
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+    }
+    got
+}
+
+#[test]
+fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_and_stopping() {
+    use std::time::Duration;
+    let sb = Sandbox::new("deploy_notify");
+    let sock_path = sb.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut tc = TestConfig::new(&sb);
+    tc.raw("[[sources.simulator]]\nname = \"sim\"\ndevices = 2\nchanges_per_sec = 20.0\n");
+    let config = tc.write("hvac-edge.toml");
+    let socket = sock_path.display().to_string();
+    let mut d = DaemonProcess::spawn(&config, sb.path(), &[("NOTIFY_SOCKET", &socket)]);
+    let got = notifications(&sock, TIMEOUT, |g| g.iter().any(|l| l == "READY=1"));
+    // READY=1 only once the database is open and migrated.
+    let db = Db::open(&tc.db_path());
+    assert_eq!(db.count("PRAGMA user_version"), 5);
+    assert!(
+        got.iter().all(|l| l != "STOPPING=1"),
+        "nothing but readiness yet: {got:?}"
+    );
+    // The writer pets the watchdog (after each commit and tick) and reports its figures.
+    let got = notifications(&sock, TIMEOUT, |g| {
+        g.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3
+            && g.iter().any(|l| l.starts_with("STATUS=events committed "))
+    });
+    let status = got
+        .iter()
+        .find(|l| l.starts_with("STATUS="))
+        .unwrap()
+        .clone();
+    assert!(
+        status.contains(", stored ") && status.contains(", evicted "),
+        "{status}"
+    );
+    d.sigterm();
+    notifications(&sock, TIMEOUT, |g| g.iter().any(|l| l == "STOPPING=1"));
+    let exit = d
+        .wait_timeout(TIMEOUT)
+        .expect("the daemon exits after SIGTERM");
+    assert_eq!(exit.code(), Some(0), "{}", d.stderr());
+}
