@@ -25,6 +25,14 @@ fn main() {
             };
             report(res)
         }
+        Command::SupportBundle { db, output } => report(
+            cli::support_bundle::run(&db.config, db.db.as_deref(), output.as_deref()).map(|p| {
+                println!(
+                    "support bundle written: {} (no secrets: secret files are not read, secret-looking values are redacted)",
+                    p.display()
+                );
+            }),
+        ),
         Command::Sinks { command } => {
             let res = match command {
                 SinksCommand::Enable { name, note, db } => db

@@ -16,8 +16,12 @@ pub fn run(path: &Path) -> i32 {
                 "{} is valid: gateway {}, {} source(s), {} sink(s), database {}",
                 path.display(),
                 cfg.gateway.id,
-                cfg.sources.mqtt.len() + cfg.sources.simulator.len(),
-                cfg.sinks.http.len(),
+                cfg.sources.mqtt.len()
+                    + cfg.sources.otgw.len()
+                    + cfg.sources.modbus.len()
+                    + cfg.sources.jsonl.len()
+                    + cfg.sources.simulator.len(),
+                cfg.sinks.len(),
                 cfg.store.path.display()
             );
             0

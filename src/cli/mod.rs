@@ -7,6 +7,7 @@ pub mod check_config;
 pub mod queue;
 pub mod sinks;
 pub mod sources;
+pub mod support_bundle;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -71,6 +72,17 @@ pub enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Write a tar file for the integrator: the config (secrets redacted), check-config,
+    /// queue stats, sources, database integrity and the service's recent journal.
+    ///
+    /// Example: `hvac-edge support-bundle -o /tmp/site-42.tar`
+    SupportBundle {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Where to write it. Default: hvac-edge-support-<unix time>.tar here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Switch a sink off (its events are held) or on again (also after DISABLED_DUE_TO_ERRORS).
     Sinks {

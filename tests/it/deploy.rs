@@ -206,3 +206,112 @@ fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_and_stopp
         .expect("the daemon exits after SIGTERM");
     assert_eq!(exit.code(), Some(0), "{}", d.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_support_bundle_holds_what_a_technician_needs_and_no_secret() {
+    let sb = Sandbox::new("deploy_bundle");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    let api_key = "k3y-that-must-never-leak-0042";
+    let password = "pa55-that-must-never-leak";
+    let key_file = tc.secret_file("portal-key", api_key);
+    let pw_file = tc.secret_file("mqtt-password", password);
+    tc.z2m_source("z2m", broker.port())
+        .source_set("z2m", "username", &toml_str("gw"))
+        .source_set(
+            "z2m",
+            "password_file",
+            &toml_str(&pw_file.display().to_string()),
+        )
+        .webhook_sink("portal", &receiver)
+        .sink_set("portal", "auth", "\"api_key\"")
+        .sink_set("portal", "api_key_header", "\"x-api-key\"")
+        .sink_set(
+            "portal",
+            "api_key_file",
+            &toml_str(&key_file.display().to_string()),
+        );
+    let config = tc.write("hvac-edge.toml");
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(
+        &format!("{}/hall", tc.base_topic()),
+        r#"{"occupied_heating_setpoint":21.0}"#,
+        false,
+    )
+    .await;
+    receiver.wait_unique_events(1, TIMEOUT).await;
+    daemon.stop().await.unwrap();
+    let out_path = sb.path().join("bundle.tar");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+        .args(["support-bundle", "-c"])
+        .arg(&config)
+        .arg("-o")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&out_path).unwrap();
+    let mut names = Vec::new();
+    let mut bodies = std::collections::HashMap::new();
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut e = entry.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut e, &mut body).unwrap();
+        names.push(name.clone());
+        bodies.insert(name, body);
+    }
+    assert_eq!(
+        names,
+        [
+            "version.txt",
+            "config.toml",
+            "check-config.txt",
+            "queue-stats.json",
+            "sources.json",
+            "integrity.txt",
+            "journal.txt"
+        ]
+        .map(|n| format!("hvac-edge-support/{n}"))
+    );
+    let get = |n: &str| bodies[&format!("hvac-edge-support/{n}")].clone();
+    assert!(
+        get("config.toml").contains("[[sinks.webhook]]")
+            || get("config.toml").contains("[[sinks.webhook")
+    );
+    assert!(
+        get("config.toml").contains("portal-key"),
+        "paths stay: the integrator sees where"
+    );
+    assert_eq!(
+        get("check-config.txt").lines().next(),
+        Some("valid: gateway gw-it")
+    );
+    let stats: serde_json::Value = serde_json::from_str(&get("queue-stats.json")).unwrap();
+    assert_eq!(stats["sinks"][0]["name"], "portal");
+    let sources: serde_json::Value = serde_json::from_str(&get("sources.json")).unwrap();
+    assert_eq!(sources[0]["name"], "z2m");
+    assert!(
+        get("integrity.txt").contains("quick_check: ok"),
+        "{}",
+        get("integrity.txt")
+    );
+    // No secret anywhere in the file, in any form.
+    for secret in [api_key, password] {
+        let raw = secret.as_bytes();
+        assert!(
+            !bytes.windows(raw.len()).any(|w| w == raw),
+            "{secret} leaked into the bundle"
+        );
+    }
+}
