@@ -162,6 +162,9 @@ pub enum WriterMsg {
     /// of the gateway, so the other sinks tell the cloud (which cannot alert on a webhook that
     /// stopped receiving from what never arrives).
     Operational(OperationalNote),
+    /// The configured sinks changed (a reload): garbage collection waits for these cursors
+    /// from now on. Sent before a new sink starts, after a removed one stopped.
+    Sinks(Vec<String>),
 }
 
 /// Device id of the gateway's own `operational` events; reserved, so no source can claim it.

@@ -450,6 +450,10 @@ impl Writer {
                     self.queue_note(&n)?;
                     continue;
                 }
+                WriterMsg::Sinks(names) => {
+                    self.set_sinks(names);
+                    continue;
+                }
             }
             let mut notes: Vec<crate::channel::OperationalNote> = Vec::new();
             let deadline = Instant::now() + self.s.commit_delay;
@@ -464,6 +468,7 @@ impl Writer {
                         break;
                     }
                     Ok(WriterMsg::Operational(n)) => notes.push(n),
+                    Ok(WriterMsg::Sinks(names)) => self.set_sinks(names),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -481,6 +486,7 @@ impl Writer {
                                 break;
                             }
                             Ok(Some(WriterMsg::Operational(n))) => notes.push(n),
+                            Ok(Some(WriterMsg::Sinks(names))) => self.set_sinks(names),
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -1070,6 +1076,13 @@ impl Writer {
             );
         }
         Ok(())
+    }
+
+    /// The sinks whose cursors hold events back from garbage collection (a reload changed them).
+    fn set_sinks(&mut self, names: Vec<String>) {
+        tracing::info!(sinks = ?names, "Garbage collection now follows these sinks");
+        self.s.sinks = names;
+        self.last_gc_bound = -1;
     }
 
     /// Commits an `operational` note as an event of the gateway (device

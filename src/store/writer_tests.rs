@@ -110,6 +110,10 @@ impl Harness {
             .unwrap();
     }
 
+    fn msg(&self, m: WriterMsg) {
+        self.tx.as_ref().unwrap().blocking_send(m).unwrap();
+    }
+
     fn tick(&self) {
         self.tx
             .as_ref()
@@ -484,6 +488,48 @@ fn a_new_sink_can_start_at_now_instead_of_the_oldest_event() {
             .cursor,
         2
     );
+}
+
+#[test]
+fn a_sink_added_at_run_time_holds_garbage_collection_from_then_on() {
+    let (_d, path) = db();
+    let mut s = settings(&["up"]);
+    s.checkpoint_interval = Duration::ZERO;
+    {
+        let c = open(&path, Mode::ReadWrite, &Options::default()).unwrap();
+        outbox::ensure_sink(&c, &path, "up", "http", StartFrom::Oldest, 0).unwrap();
+        outbox::ensure_sink(&c, &path, "added", "webhook", StartFrom::Oldest, 0).unwrap();
+    }
+    let h = Harness::start(&path, s);
+    // A reload adds a sink at cursor 0 before it starts: nothing may be collected past it.
+    h.msg(WriterMsg::Sinks(vec!["up".into(), "added".into()]));
+    for i in 0..10 {
+        h.send(plain(obs("a", 2000 + i, i)));
+    }
+    h.wait_events(10);
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE sinks SET cursor = 10 WHERE name = 'up'", [])
+        .unwrap();
+    // Held for the added sink through several housekeeping runs (each one a GC attempt).
+    let runs = h.stats.housekeeping_runs.load(Ordering::SeqCst);
+    while h.stats.housekeeping_runs.load(Ordering::SeqCst) < runs + 5 {
+        h.tick();
+        assert_eq!(
+            count(&path, "SELECT COUNT(*) FROM events"),
+            10,
+            "held for the added sink"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Removed again: what only it held goes.
+    h.msg(WriterMsg::Sinks(vec!["up".into()]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(&path, "SELECT COUNT(*) FROM events") > 1 {
+        h.tick();
+        assert!(std::time::Instant::now() < deadline, "not collected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
