@@ -57,26 +57,47 @@ pub struct Component {
     pub role: Role,
     /// A source's counters (what `hvac-edge sources` shows).
     pub stats: Option<SharedStats>,
+    /// Digest of its config section: a reload restarts it only when this changed.
+    pub digest: String,
     run: Run,
 }
 
+/// A short digest of a component's config section (its `Debug` form: settings and paths,
+/// never secrets, which live in files).
+fn digest(cfg: &impl std::fmt::Debug) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(format!("{cfg:?}").as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl Component {
-    fn source(name: String, kind: &'static str, stats: SharedStats, run: Run) -> Component {
+    fn source(
+        name: String,
+        kind: &'static str,
+        digest: String,
+        stats: SharedStats,
+        run: Run,
+    ) -> Component {
         Component {
             name,
             kind,
             role: Role::Source,
             stats: Some(stats),
+            digest,
             run,
         }
     }
 
-    fn sink(name: String, kind: &'static str, run: Run) -> Component {
+    fn sink(name: String, kind: &'static str, digest: String, run: Run) -> Component {
         Component {
             name,
             kind,
             role: Role::Sink,
             stats: None,
+            digest,
             run,
         }
     }
@@ -99,6 +120,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
     let mut out = Vec::new();
     for s in cfg.sources.mqtt.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let stats: SharedStats = Arc::new(SourceStats::default());
         let src = MqttSource::new(s, stats.clone())
             .with_context(|| format!("cannot start source {name}"))?;
@@ -106,17 +128,20 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         out.push(Component::source(
             name,
             "mqtt",
+            d,
             stats,
             Box::new(move |tok| Box::pin(async move { Ok(src.run(tx, tok).await?) })),
         ));
     }
     for s in cfg.sources.otgw.clone() {
+        let d = digest(&s);
         let stats: SharedStats = Arc::new(SourceStats::default());
         let (proto, settings) = OtgwLines::new(&s, stats.clone());
         let (tx, st) = (w.obs.clone(), stats.clone());
         out.push(Component::source(
             s.name.clone(),
             "otgw",
+            d,
             stats,
             Box::new(move |tok| {
                 Box::pin(async move {
@@ -128,6 +153,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
     }
     for s in cfg.sources.jsonl.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let stats: SharedStats = Arc::new(SourceStats::default());
         let (proto, settings) = JsonlLines::new(&s, stats.clone())
             .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
@@ -135,6 +161,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         out.push(Component::source(
             name,
             "jsonl",
+            d,
             stats,
             Box::new(move |tok| {
                 Box::pin(async move {
@@ -146,6 +173,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
     }
     for s in cfg.sources.modbus.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let stats: SharedStats = Arc::new(SourceStats::default());
         let src = ModbusSource::new(s, stats.clone())
             .map_err(|e| anyhow::anyhow!("cannot start source {name}: {e}"))?;
@@ -153,6 +181,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         out.push(Component::source(
             name,
             "modbus",
+            d,
             stats,
             Box::new(move |tok| {
                 Box::pin(async move {
@@ -163,6 +192,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         ));
     }
     for s in cfg.sources.simulator.clone() {
+        let d = digest(&s);
         let stats: SharedStats = Arc::new(SourceStats::default());
         stats.set_link(Link::None, crate::telemetry::now_ms(), None);
         let name = s.name.clone();
@@ -171,6 +201,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         out.push(Component::source(
             name,
             "simulator",
+            d,
             stats,
             Box::new(move |tok| {
                 Box::pin(async move {
@@ -182,34 +213,40 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
     }
     for s in cfg.sinks.http.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let sink = HttpSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
         let ctx = (w.sink_context)();
         out.push(Component::sink(
             name,
             "http",
+            d,
             Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
         ));
     }
     for s in cfg.sinks.webhook.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let sink = WebhookSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
         let ctx = (w.sink_context)();
         out.push(Component::sink(
             name,
             "webhook",
+            d,
             Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
         ));
     }
     for s in cfg.sinks.mqtt.clone() {
         let name = s.name.clone();
+        let d = digest(&s);
         let sink = MqttSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
         let ctx = (w.sink_context)();
         out.push(Component::sink(
             name,
             "mqtt",
+            d,
             Box::new(move |tok| Box::pin(async move { Ok(sink.run(ctx, tok).await?) })),
         ));
     }
@@ -224,7 +261,14 @@ pub struct Supervisor {
     sources_token: CancellationToken,
     sinks_token: CancellationToken,
     fail: mpsc::Sender<anyhow::Error>,
-    running: HashMap<(Role, String), CancellationToken>,
+    running: HashMap<(Role, String), Running>,
+}
+
+/// A started component: how to stop it, how to know it ended, what config it runs.
+struct Running {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    digest: String,
 }
 
 impl Supervisor {
@@ -247,10 +291,37 @@ impl Supervisor {
     /// Starts `c` with a token of its own (cancelled by [`Supervisor::stop`] or its role's stop).
     pub fn start(&mut self, c: Component) {
         let token = self.role_token(c.role).child_token();
-        self.running.insert((c.role, c.name.clone()), token.clone());
         let label = format!("{} {}", c.role.as_str(), c.name);
-        let fut = (c.run)(token);
-        self.spawn(c.role, label, fut);
+        let fut = (c.run)(token.clone());
+        let handle = self.spawn(c.role, label, fut);
+        self.running.insert(
+            (c.role, c.name),
+            Running {
+                token,
+                handle,
+                digest: c.digest,
+            },
+        );
+    }
+
+    /// The config digest a running component was started with.
+    pub fn digest(&self, role: Role, name: &str) -> Option<&str> {
+        self.running
+            .get(&(role, name.to_string()))
+            .map(|r| r.digest.as_str())
+    }
+
+    /// Stops one component and waits (at most `timeout`) until it has ended, so that a
+    /// replacement never runs beside it (a sink's cursor row, an MQTT client id); returns
+    /// whether it ended in time.
+    pub async fn stop_and_wait(&mut self, role: Role, name: &str, timeout: Duration) -> bool {
+        match self.running.remove(&(role, name.to_string())) {
+            Some(r) => {
+                r.token.cancel();
+                tokio::time::timeout(timeout, r.handle).await.is_ok()
+            }
+            None => true,
+        }
     }
 
     /// Starts one of the daemon's own tasks (status, ticker) under `role`'s token.
@@ -259,22 +330,23 @@ impl Supervisor {
         F: Future<Output = ()> + Send + 'static,
     {
         let fut = f(self.role_token(role).child_token());
-        self.spawn(
+        // Detached: the tracker waits for it at shutdown.
+        drop(self.spawn(
             role,
             label.to_string(),
             Box::pin(async move {
                 fut.await;
                 Ok(())
             }),
-        );
+        ));
     }
 
     /// Cancels one running component (it finishes on its own terms, e.g. an in-flight request);
     /// returns whether it was running.
     pub fn stop(&mut self, role: Role, name: &str) -> bool {
         match self.running.remove(&(role, name.to_string())) {
-            Some(t) => {
-                t.cancel();
+            Some(r) => {
+                r.token.cancel();
                 true
             }
             None => false,
@@ -314,7 +386,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self, role: Role, label: String, fut: RunFuture) {
+    fn spawn(&self, role: Role, label: String, fut: RunFuture) -> tokio::task::JoinHandle<()> {
         let fail = self.fail.clone();
         let tracker = match role {
             Role::Source => &self.sources,
@@ -328,7 +400,7 @@ impl Supervisor {
                 Err(join) => anyhow::anyhow!("task ended abnormally: {join}"),
             };
             let _ = fail.send(res.context(format!("{label} stopped"))).await;
-        });
+        })
     }
 }
 
@@ -337,7 +409,7 @@ mod tests {
     use super::*;
 
     fn component(name: &str, run: Run) -> Component {
-        Component::sink(name.into(), "test", run)
+        Component::sink(name.into(), "test", String::new(), run)
     }
 
     #[tokio::test]
@@ -367,6 +439,30 @@ mod tests {
         assert_eq!(sup.names(Role::Sink), vec!["bad", "calm", "crash"]);
         assert!(sup.stop(Role::Sink, "calm"));
         assert!(!sup.stop(Role::Sink, "calm"));
+        // Stopped and awaited: the replacement may start on the same name at once.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ended.clone();
+        sup.start(component(
+            "slow",
+            Box::new(move |tok| {
+                Box::pin(async move {
+                    tok.cancelled().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                })
+            }),
+        ));
+        assert_eq!(sup.digest(Role::Sink, "slow"), Some(""));
+        assert!(
+            sup.stop_and_wait(Role::Sink, "slow", Duration::from_secs(5))
+                .await
+        );
+        assert!(
+            ended.load(std::sync::atomic::Ordering::SeqCst),
+            "it ended before stop_and_wait returned"
+        );
+        assert_eq!(sup.digest(Role::Sink, "slow"), None);
         assert!(sup.stop_sinks(Duration::from_secs(5)).await);
         assert!(fails.try_recv().is_err(), "a stop is not a failure");
     }
