@@ -700,7 +700,7 @@ async fn run(args: &Args, res: &mut Results) {
         }
         drop(broker);
         step("mqtt: daemon sink and stop-and-wait publisher, broker with set_tcp_nodelay true");
-        match NodelayBroker::start("set_tcp_nodelay true") {
+        match support::broker::Broker::start_with("set_tcp_nodelay true") {
             Ok(nb) => {
                 let mode = BareMode {
                     batch: Some(usize::from(INFLIGHT)),
@@ -1169,65 +1169,6 @@ async fn drain_run(backlog: &Backlog, beside: Beside) -> anyhow::Result<DrainFig
 
 // ---------------------------------------------------------------------------------------------
 // Figure 3: MQTT upstream vs a bare publisher
-
-/// A private mosquitto like `support::broker::Broker` (same limits) with extra config lines
-/// (for the diagnosis: `set_tcp_nodelay true`); killed on drop.
-struct NodelayBroker {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl NodelayBroker {
-    fn start(extra: &str) -> anyhow::Result<NodelayBroker> {
-        use std::process::{Command, Stdio};
-        let dir = tempfile::Builder::new()
-            .prefix("hvac-fanout-mosq-")
-            .tempdir()?;
-        let port = support::broker::free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 0\n{extra}\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start mosquitto")?;
-        let mut b = NodelayBroker {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Deadline::after(Duration::from_secs(10));
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(b);
-            }
-            if let Some(status) = b.child.try_wait()? {
-                anyhow::bail!("mosquitto exited at start ({status})");
-            }
-            check(deadline, "mosquitto to accept connections")?;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NodelayBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the counting subscriber saw.
 struct SubSeen {

@@ -23,6 +23,11 @@ impl Broker {
     /// Starts mosquitto (`max_inflight_messages 1000`, `max_queued_messages 0`) and waits until
     /// it accepts connections.
     pub fn start() -> anyhow::Result<Broker> {
+        Broker::start_with("")
+    }
+
+    /// Like [`Broker::start`], with `extra` config lines (e.g. `set_tcp_nodelay true`).
+    pub fn start_with(extra: &str) -> anyhow::Result<Broker> {
         let dir = tempfile::Builder::new()
             .prefix("hvac-bench-mosq-")
             .tempdir()?;
@@ -32,7 +37,7 @@ impl Broker {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 0\n\
+                 max_inflight_messages 1000\nmax_queued_messages 0\n{extra}\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )?;

@@ -196,33 +196,22 @@ impl TestConfig {
     /// Adds an HTTP sink posting to `receiver`: `allow_insecure_http = true`, the receiver's
     /// secret in a mode-0600 file, `retry_schedule_secs = [1]`, `request_timeout_ms = 2000`.
     pub fn http_sink(&mut self, name: &str, receiver: &Receiver) -> &mut Self {
-        let secret = self.secret_file(&format!("{name}.whsec"), receiver.whsec());
-        let mut c = Component {
-            kind: "http",
-            name: name.to_string(),
-            keys: Vec::new(),
-            tail: String::new(),
-        };
-        c.set("name", &toml_str(name));
-        c.set("url", &toml_str(&receiver.url()));
-        c.set("allow_insecure_http", "true");
-        c.set(
-            "signing_secret_file",
-            &toml_str(&secret.display().to_string()),
-        );
-        c.set("retry_schedule_secs", "[1]");
-        c.set("request_timeout_ms", "2000");
-        self.sinks.push(c);
-        self
+        self.signed_sink("http", name, receiver);
+        self.sink_set(name, "request_timeout_ms", "2000")
     }
 
     /// Adds a webhook sink posting to `receiver` (one event per request): `allow_insecure_http
     /// = true`, the receiver's secret in a mode-0600 file, `retry_schedule_secs = [1]`; the
     /// vendor defaults otherwise (750 ms, bans every 20 failures, `failure_limit = 100`).
     pub fn webhook_sink(&mut self, name: &str, receiver: &Receiver) -> &mut Self {
+        self.signed_sink("webhook", name, receiver)
+    }
+
+    /// A `[[sinks.<kind>]]` to `receiver` over loopback http, signed with its secret.
+    fn signed_sink(&mut self, kind: &'static str, name: &str, receiver: &Receiver) -> &mut Self {
         let secret = self.secret_file(&format!("{name}.whsec"), receiver.whsec());
         let mut c = Component {
-            kind: "webhook",
+            kind,
             name: name.to_string(),
             keys: Vec::new(),
             tail: String::new(),
