@@ -8,9 +8,13 @@
 //! No I/O and no protocol code here: `sources` and `store` both depend on this module and not on
 //! each other.
 
-use crate::model::{Observation, UnixMs};
+use crate::config::ClockSource;
+use crate::diff::DiffPolicy;
+use crate::model::{DeviceMeta, Observation, UnixMs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::time::Duration;
 
 /// The writer's latest committed `events.pos`, as every sink watches it.
 pub type Committed = tokio::sync::watch::Receiver<i64>;
@@ -162,9 +166,52 @@ pub enum WriterMsg {
     /// of the gateway, so the other sinks tell the cloud (which cannot alert on a webhook that
     /// stopped receiving from what never arrives).
     Operational(OperationalNote),
-    /// The configured sinks changed (a reload): garbage collection waits for these cursors
-    /// from now on. Sent before a new sink starts, after a removed one stopped.
-    Sinks(Vec<String>),
+    /// A reload changed the config: the writer takes the new settings (garbage collection
+    /// follows the new sinks' cursors, new limits and deadbands apply), then runs `applied`.
+    /// Sent after removed components stopped and before added ones start.
+    Reconfigure(Box<Reconfigure>),
+}
+
+/// New writer settings from a reloaded config.
+#[derive(Debug)]
+pub struct Reconfigure {
+    pub settings: WriterSettings,
+    /// Sources no longer configured: the devices they learned may be claimed by another.
+    pub removed_sources: Vec<String>,
+    /// Runs once the settings are in force.
+    pub applied: Ack,
+}
+
+/// Settings of the writer, resolved from the config (the parts a reload may change are sent as
+/// [`WriterMsg::Reconfigure`]).
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub gateway: String,
+    pub default_plant: Option<String>,
+    pub devices: HashMap<String, DeviceMeta>,
+    pub policy: DiffPolicy,
+    pub batch_max: usize,
+    pub commit_delay: Duration,
+    pub snapshot_interval_ms: i64,
+    pub checkpoint_interval: Duration,
+    /// Names of the configured sinks: events are collected once all of them passed.
+    pub sinks: Vec<String>,
+    /// 0 = no cap.
+    pub max_bytes: u64,
+    /// 0 = no cap.
+    pub max_events: u64,
+    /// Most dead letters kept; the oldest beyond it are deleted (counted in `meta`).
+    pub max_dead_letters: u64,
+    /// Most devices tracked per source (configured devices do not count); observations of
+    /// further new devices of that source are dropped (counted).
+    pub max_devices: usize,
+    /// Device ids configured for a source (serial devices, MQTT allow-lists): only that source
+    /// may report them, from the first observation on.
+    pub reserved: HashMap<String, String>,
+    /// A device not seen for this long is forgotten in memory and frees its slot.
+    pub device_expiry: Duration,
+    /// How the clock's `synced` state is known (`gateway.clock`).
+    pub clock_source: ClockSource,
 }
 
 /// Device id of the gateway's own `operational` events; reserved, so no source can claim it.

@@ -12,13 +12,11 @@
 //! sink has passed, enforces the size cap and vacuums.
 
 use super::{Error, ctx, meta_get, meta_set};
-pub use crate::channel::WriterMsg;
-use crate::channel::{Ack, Envelope};
+use crate::channel::{Ack, Envelope, Reconfigure};
+pub use crate::channel::{WriterMsg, WriterSettings};
 use crate::config::ClockSource;
-use crate::diff::{DeviceRecord, DiffPolicy, copy_field, diff, snapshot_due};
-use crate::model::{
-    Change, ChangeKind, ClockState, DeviceMeta, DeviceState, Event, UnixMs, format_rfc3339_ms,
-};
+use crate::diff::{DeviceRecord, copy_field, diff, snapshot_due};
+use crate::model::{Change, ChangeKind, ClockState, DeviceState, Event, UnixMs, format_rfc3339_ms};
 use crate::telemetry::RateLimit;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -27,37 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-
-/// Settings of the writer, resolved from the config.
-#[derive(Debug, Clone)]
-pub struct WriterSettings {
-    pub gateway: String,
-    pub default_plant: Option<String>,
-    pub devices: HashMap<String, DeviceMeta>,
-    pub policy: DiffPolicy,
-    pub batch_max: usize,
-    pub commit_delay: Duration,
-    pub snapshot_interval_ms: i64,
-    pub checkpoint_interval: Duration,
-    /// Names of the configured sinks: events are collected once all of them passed.
-    pub sinks: Vec<String>,
-    /// 0 = no cap.
-    pub max_bytes: u64,
-    /// 0 = no cap.
-    pub max_events: u64,
-    /// Most dead letters kept; the oldest beyond it are deleted (counted in `meta`).
-    pub max_dead_letters: u64,
-    /// Most devices tracked per source (configured devices do not count); observations of
-    /// further new devices of that source are dropped (counted).
-    pub max_devices: usize,
-    /// Device ids configured for a source (serial devices, MQTT allow-lists): only that source
-    /// may report them, from the first observation on.
-    pub reserved: HashMap<String, String>,
-    /// A device not seen for this long is forgotten in memory and frees its slot.
-    pub device_expiry: Duration,
-    /// How the clock's `synced` state is known (`gateway.clock`).
-    pub clock_source: ClockSource,
-}
 
 /// Counters the writer publishes (for status lines and the CLI).
 #[derive(Debug, Default)]
@@ -450,8 +417,8 @@ impl Writer {
                     self.queue_note(&n)?;
                     continue;
                 }
-                WriterMsg::Sinks(names) => {
-                    self.set_sinks(names);
+                WriterMsg::Reconfigure(r) => {
+                    self.reconfigure(*r);
                     continue;
                 }
             }
@@ -468,7 +435,7 @@ impl Writer {
                         break;
                     }
                     Ok(WriterMsg::Operational(n)) => notes.push(n),
-                    Ok(WriterMsg::Sinks(names)) => self.set_sinks(names),
+                    Ok(WriterMsg::Reconfigure(r)) => self.reconfigure(*r),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -486,7 +453,7 @@ impl Writer {
                                 break;
                             }
                             Ok(Some(WriterMsg::Operational(n))) => notes.push(n),
-                            Ok(Some(WriterMsg::Sinks(names))) => self.set_sinks(names),
+                            Ok(Some(WriterMsg::Reconfigure(r))) => self.reconfigure(*r),
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -1078,11 +1045,36 @@ impl Writer {
         Ok(())
     }
 
-    /// The sinks whose cursors hold events back from garbage collection (a reload changed them).
-    fn set_sinks(&mut self, names: Vec<String>) {
-        tracing::info!(sinks = ?names, "Garbage collection now follows these sinks");
-        self.s.sinks = names;
-        self.last_gc_bound = -1;
+    /// Applies settings from a reloaded config, then runs the reload's acknowledgement. The
+    /// sinks whose cursors hold events back from garbage collection follow the new list at once;
+    /// devices reserved by the new config belong to their configured source; devices learned by
+    /// a source that was removed are free for another one; limits, deadbands, device metadata
+    /// and timings apply from the next observation on. Identity, store and clock source need a
+    /// restart (the daemon refuses a reload that changes them).
+    fn reconfigure(&mut self, r: Reconfigure) {
+        let Reconfigure {
+            settings,
+            removed_sources,
+            applied,
+        } = r;
+        if settings.sinks != self.s.sinks {
+            tracing::info!(sinks = ?settings.sinks, "Garbage collection now follows these sinks");
+            self.last_gc_bound = -1;
+        }
+        for src in &removed_sources {
+            self.source_devices.remove(src);
+            self.owner.retain(|_, o| o != src);
+        }
+        for (d, _) in self.s.reserved.iter() {
+            if !settings.reserved.contains_key(d) {
+                self.owner.remove(d);
+            }
+        }
+        for (d, src) in &settings.reserved {
+            self.owner.insert(d.clone(), src.clone());
+        }
+        self.s = settings;
+        applied.run();
     }
 
     /// Commits an `operational` note as an event of the gateway (device

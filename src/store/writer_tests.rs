@@ -114,6 +114,21 @@ impl Harness {
         self.tx.as_ref().unwrap().blocking_send(m).unwrap();
     }
 
+    /// Sends a reload's settings and waits until the writer applied them.
+    fn reconfigure(&self, settings: WriterSettings, removed_sources: &[&str]) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.msg(WriterMsg::Reconfigure(Box::new(
+            crate::channel::Reconfigure {
+                settings,
+                removed_sources: removed_sources.iter().map(|s| s.to_string()).collect(),
+                applied: Ack::new(move || {
+                    let _ = tx.send(());
+                }),
+            },
+        )));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
     fn tick(&self) {
         self.tx
             .as_ref()
@@ -502,7 +517,9 @@ fn a_sink_added_at_run_time_holds_garbage_collection_from_then_on() {
     }
     let h = Harness::start(&path, s);
     // A reload adds a sink at cursor 0 before it starts: nothing may be collected past it.
-    h.msg(WriterMsg::Sinks(vec!["up".into(), "added".into()]));
+    let mut with_added = settings(&["up", "added"]);
+    with_added.checkpoint_interval = Duration::ZERO;
+    h.reconfigure(with_added, &[]);
     for i in 0..10 {
         h.send(plain(obs("a", 2000 + i, i)));
     }
@@ -523,7 +540,9 @@ fn a_sink_added_at_run_time_holds_garbage_collection_from_then_on() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Removed again: what only it held goes.
-    h.msg(WriterMsg::Sinks(vec!["up".into()]));
+    let mut without = settings(&["up"]);
+    without.checkpoint_interval = Duration::ZERO;
+    h.reconfigure(without, &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while count(&path, "SELECT COUNT(*) FROM events") > 1 {
         h.tick();
@@ -1203,4 +1222,50 @@ fn the_cap_holds_while_new_measurements_keep_superseding_old_ones() {
         )
         .unwrap();
     assert_eq!(newest, 1);
+}
+
+#[test]
+fn a_reload_hands_devices_of_a_removed_source_and_newly_reserved_ids_to_their_new_owner() {
+    let (_d, path) = db();
+    let h = Harness::start(&path, settings(&[]));
+    // "old" learns two devices; "serial" is not configured yet.
+    h.send(plain(obs_from("old", "a", 2000, 0)));
+    h.send(plain(obs_from("old", "b", 2000, 1)));
+    h.wait_events(2);
+    // Refused while "old" owns them.
+    h.send(plain(obs_from("new", "a", 2100, 2)));
+    h.send(plain(obs_from("serial", "b", 2100, 3)));
+    h.send(plain(obs_from("old", "a", 2050, 4)));
+    h.wait_events(3);
+    assert_eq!(h.stats.conflicts.load(Ordering::SeqCst), 2);
+    // The reload renames the source "old" to "new" and reserves "b" for "serial".
+    let mut s = settings(&[]);
+    s.reserved = [("b".to_string(), "serial".to_string())].into();
+    h.reconfigure(s, &["old"]);
+    h.send(plain(obs_from("new", "a", 2200, 5)));
+    h.send(plain(obs_from("serial", "b", 2200, 6)));
+    h.send(plain(obs_from("new", "b", 2300, 7))); // "b" is reserved for serial now
+    h.wait_events(5);
+    let conflicts = h.stats.conflicts.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(conflicts, 3);
+    let got: Vec<(String, u64, String)> = events(&path)
+        .into_iter()
+        .map(|e| {
+            let sp = e.state.setpoint.map(|t| t.value.to_string());
+            (e.device, e.seq, sp.unwrap_or_default())
+        })
+        .collect();
+    // a@20.5 came from "old"; a@22.0 from "new" and b@22.0 from "serial" after the reload.
+    let want: Vec<(String, u64, String)> = [
+        ("a", 1, "20.0"),
+        ("b", 1, "20.0"),
+        ("a", 2, "20.5"),
+        ("a", 3, "22.0"),
+        ("b", 2, "22.0"),
+    ]
+    .iter()
+    .map(|(d, q, v)| (d.to_string(), *q, v.to_string()))
+    .collect();
+    assert_eq!(got, want);
 }
