@@ -1,5 +1,5 @@
 //! Wiring: open the store, start the writer thread, the sources, the ticker and the sinks; map
-//! signals; tell systemd; shut down in order.
+//! signals; apply a reloaded config by component; tell systemd; shut down in order.
 //!
 //! Shutdown order (style.md §2.6): (1) `STOPPING=1`, cancel sources and ticker, which drop their
 //! senders at a safe point; (2) the writer drains the channel, commits, acks, checkpoints and
@@ -44,24 +44,49 @@ pub struct Handles {
     pub sources: Vec<(String, SharedStats)>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled (or a fatal error).
-///
-/// `ready` receives the [`Handles`] once everything is started.
+/// How a running daemon is asked to reload its config (SIGHUP).
+pub struct Reloads {
+    /// One message per request.
+    pub requests: mpsc::Receiver<()>,
+    /// Reads and validates the config again.
+    pub load: Box<dyn Fn() -> Result<Config, crate::config::LoadError> + Send + Sync>,
+    /// The file `load` reads (for the outcome).
+    pub path: std::path::PathBuf,
+}
+
+/// Runs the daemon until `shutdown` is cancelled (or a fatal error), without reloads.
 ///
 /// # Errors
-/// Fatal problems only: the database cannot be opened or written, a component cannot be built.
+/// As [`run_with_reloads`].
 pub async fn run(
     cfg: Config,
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> anyhow::Result<()> {
+    run_with_reloads(cfg, shutdown, None, ready).await
+}
+
+/// Runs the daemon until `shutdown` is cancelled (or a fatal error), applying a reloaded config
+/// on each request of `reloads` (see [`crate::reload`]).
+///
+/// `ready` receives the [`Handles`] once everything is started.
+///
+/// # Errors
+/// Fatal problems only: the database cannot be opened or written, a component cannot be built.
+pub async fn run_with_reloads(
+    cfg: Config,
+    shutdown: CancellationToken,
+    mut reloads: Option<Reloads>,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) -> anyhow::Result<()> {
     for w in cfg.warnings() {
         tracing::warn!(key = %w.key, "Configuration: {}", w.problem);
     }
+    let mut cfg = cfg;
     let mut ready = ready;
     let mut restarts = 0u32;
     loop {
-        match run_once(cfg.clone(), shutdown.clone(), ready.take()).await {
+        match run_once(&mut cfg, shutdown.clone(), reloads.as_mut(), ready.take()).await {
             Err(e)
                 if is_corrupt(&e)
                     && !shutdown.is_cancelled()
@@ -118,17 +143,38 @@ fn is_corrupt(e: &anyhow::Error) -> bool {
 }
 
 async fn run_once(
-    cfg: Config,
+    cfg: &mut Config,
     shutdown: CancellationToken,
+    mut reloads: Option<&mut Reloads>,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> anyhow::Result<()> {
-    let pipes = Pipes::new(&cfg);
-    let components = build(&cfg, &pipes)?;
-    let mut writer = start_writer(&cfg, pipes.writer).await?;
+    let (pipes, writer_parts) = Pipes::new(cfg);
+    let components = build(cfg, &pipes)?;
+    let mut writer = start_writer(cfg, writer_parts).await?;
     let (mut supervisor, mut failures) = topology::Supervisor::new();
-    let handles = start(&mut supervisor, components, pipes.obs, &writer);
-    announce(&cfg, &writer, &handles, ready);
-    let fatal = wait(&shutdown, &mut writer, &mut failures).await;
+    let sources = SourceList::default();
+    let handles = start(&mut supervisor, components, &pipes.obs, &sources, &writer);
+    record_start(cfg).await;
+    announce(cfg, &writer, &handles, ready);
+    let fatal = loop {
+        match wait(
+            &shutdown,
+            &mut writer,
+            &mut failures,
+            reloads.as_deref_mut(),
+        )
+        .await
+        {
+            Wake::Stop(fatal) => break fatal,
+            Wake::Reload => {
+                if let Some(r) = reloads.as_deref() {
+                    reload(cfg, r, &pipes, &mut supervisor, &sources).await;
+                }
+            }
+        }
+    };
+    // From here only the sources (stopping) hold the writer's channel: it ends after them.
+    drop(pipes);
     stop(
         &supervisor,
         writer,
@@ -138,12 +184,194 @@ async fn run_once(
     .await
 }
 
-/// The channels and shared state between the writer, the sources and the sinks.
+/// The sources the status task reports, as a reload changes them.
+type SourceList = Arc<std::sync::Mutex<Vec<(String, &'static str, SharedStats)>>>;
+
+fn lock_sources(
+    l: &SourceList,
+) -> std::sync::MutexGuard<'_, Vec<(String, &'static str, SharedStats)>> {
+    match l.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Records the daemon's pid in the database, so `hvac-edge reload` finds the process.
+async fn record_start(cfg: &Config) {
+    let (db, opts) = (cfg.store.path.clone(), store_options(cfg));
+    let res = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+        store::reloads::record_daemon(&conn, &db, std::process::id(), crate::telemetry::now_ms())?;
+        Ok(())
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = format!("{e:#}"),
+            "Cannot record the daemon's pid; `hvac-edge reload` will need --pid"
+        ),
+        Err(e) => tracing::warn!(error = %e, "Cannot record the daemon's pid"),
+    }
+}
+
+/// Re-reads the config and applies it (see [`crate::reload`]); tells systemd (`RELOADING=1`,
+/// then `READY=1`), logs every problem with its key, and stores the outcome for
+/// `hvac-edge reload`.
+async fn reload(
+    cfg: &mut Config,
+    r: &Reloads,
+    pipes: &Pipes,
+    supervisor: &mut topology::Supervisor,
+    sources: &SourceList,
+) {
+    let mut notify = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        notify.push(now);
+    }
+    let _ = sd_notify::notify(&notify);
+    tracing::info!(config = %r.path.display(), "Reloading the configuration");
+    let outcome = apply(cfg, r, pipes, supervisor, sources).await;
+    if outcome.applied {
+        tracing::info!("{}", outcome.summary());
+        for p in &outcome.problems {
+            tracing::error!(problem = %p, "Reload: a component could not be replaced");
+        }
+        for w in &outcome.warnings {
+            tracing::warn!("Configuration: {w}");
+        }
+    } else {
+        for p in &outcome.problems {
+            tracing::error!(problem = %p, "Reload refused");
+        }
+        tracing::error!("{}", outcome.summary());
+    }
+    let (db, opts) = (cfg.store.path.clone(), store_options(cfg));
+    let json = serde_json::to_string(&outcome).unwrap_or_default();
+    let ok = outcome.applied;
+    let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let conn = store::open(&db, store::Mode::ReadWrite, &opts)?;
+        store::reloads::record(
+            &conn,
+            &db,
+            crate::telemetry::now_ms(),
+            std::process::id(),
+            ok,
+            &json,
+        )?;
+        Ok(())
+    })
+    .await;
+    if !matches!(stored, Ok(Ok(()))) {
+        tracing::warn!("Cannot store the reload's outcome; `hvac-edge reload` will time out");
+    }
+    let summary = outcome.summary();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&summary),
+    ]);
+}
+
+/// The reload itself: validate, refuse what needs a restart, build, then stop the removed and
+/// changed components, hand the writer its new settings, start the added and changed ones.
+async fn apply(
+    cfg: &mut Config,
+    r: &Reloads,
+    pipes: &Pipes,
+    supervisor: &mut topology::Supervisor,
+    sources: &SourceList,
+) -> crate::reload::ReloadOutcome {
+    use crate::reload::{ReloadOutcome, problems_of, restart_needed};
+    use topology::Role;
+    let path = r.path.display().to_string();
+    let new = match (r.load)() {
+        Ok(c) => c,
+        Err(e) => return ReloadOutcome::refused(&path, problems_of(&e)),
+    };
+    let fixed = restart_needed(cfg, &new);
+    if !fixed.is_empty() {
+        return ReloadOutcome::refused(&path, fixed);
+    }
+    let built = match build(&new, pipes) {
+        Ok(b) => b,
+        Err(e) => return ReloadOutcome::refused(&path, vec![format!("{e:#}")]),
+    };
+    let plan = supervisor.plan(built);
+    let mut outcome = ReloadOutcome {
+        config: path,
+        applied: true,
+        started: plan.started,
+        stopped: plan.stopped,
+        restarted: plan.restarted,
+        unchanged: plan.unchanged,
+        problems: Vec::new(),
+        warnings: new.warnings().iter().map(ToString::to_string).collect(),
+    };
+    // An in-flight request ends within its own timeout; a replacement must never run beside
+    // the old instance (same cursor row, same MQTT client id).
+    let timeout = Duration::from_secs(new.pipeline.shutdown_grace_secs.max(30));
+    let mut stuck = std::collections::HashSet::new();
+    for (role, name) in &plan.stop {
+        if *role == Role::Source {
+            lock_sources(sources).retain(|(n, _, _)| n != name);
+        }
+        if !supervisor.stop_and_wait(*role, name, timeout).await {
+            outcome.problems.push(format!(
+                "{} {name}: still stopping after {}s, so it was not started again; reload again or restart the service",
+                if *role == Role::Source { "source" } else { "sink" },
+                timeout.as_secs()
+            ));
+            stuck.insert((*role, name.clone()));
+        }
+    }
+    let removed_sources: Vec<String> = plan
+        .stop
+        .iter()
+        .filter(|(role, name)| {
+            *role == Role::Source
+                && !plan
+                    .start
+                    .iter()
+                    .any(|c| c.role == Role::Source && &c.name == name)
+        })
+        .map(|(_, n)| n.clone())
+        .collect();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let msg = WriterMsg::Reconfigure(Box::new(crate::channel::Reconfigure {
+        settings: writer_settings(&new),
+        removed_sources,
+        applied: crate::channel::Ack::new(move || {
+            let _ = tx.send(());
+        }),
+    }));
+    let taken = pipes.obs.send(msg).await.is_ok()
+        && matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
+    if !taken {
+        outcome.problems.push(
+            "the writer did not take the new settings (it is stopping); nothing new was started"
+                .to_string(),
+        );
+        return outcome;
+    }
+    for c in plan.start {
+        if stuck.contains(&(c.role, c.name.clone())) {
+            continue;
+        }
+        if let Some(st) = &c.stats {
+            lock_sources(sources).push((c.name.clone(), c.kind, st.clone()));
+        }
+        supervisor.start(c);
+    }
+    *cfg = new;
+    outcome
+}
+
+/// The channels and shared state between the writer, the sources and the sinks (the daemon
+/// keeps them to build components on a reload).
 struct Pipes {
     obs: mpsc::Sender<WriterMsg>,
     committed: watch::Receiver<i64>,
     clock: Arc<ClockSteps>,
-    writer: WriterParts,
 }
 
 /// What the writer thread is started with.
@@ -155,21 +383,23 @@ struct WriterParts {
 }
 
 impl Pipes {
-    fn new(cfg: &Config) -> Pipes {
+    fn new(cfg: &Config) -> (Pipes, WriterParts) {
         let (committed_tx, committed_rx) = watch::channel(0i64);
         let (obs_tx, obs_rx) = mpsc::channel::<WriterMsg>(cfg.pipeline.queue_len);
         let clock = Arc::new(ClockSteps::default());
-        Pipes {
-            obs: obs_tx,
-            committed: committed_rx,
-            clock: clock.clone(),
-            writer: WriterParts {
+        (
+            Pipes {
+                obs: obs_tx,
+                committed: committed_rx,
+                clock: clock.clone(),
+            },
+            WriterParts {
                 rx: obs_rx,
                 committed: committed_tx,
                 stats: Arc::new(WriterStats::default()),
                 clock,
             },
-        }
+        )
     }
 }
 
@@ -262,31 +492,27 @@ async fn start_writer(cfg: &Config, parts: WriterParts) -> anyhow::Result<Runnin
 }
 
 /// Starts every component and the daemon's own tasks (status, ticker); returns the handles.
-/// `obs` is dropped here: from now on only the sources and the daemon's tasks hold the writer's
-/// channel, so the writer stops once they are stopped.
+/// The tasks hold clones of `obs`; the daemon keeps its own (for sources a reload adds) and
+/// drops it before waiting for the writer.
 fn start(
     supervisor: &mut topology::Supervisor,
     components: Vec<topology::Component>,
-    obs: mpsc::Sender<WriterMsg>,
+    obs: &mpsc::Sender<WriterMsg>,
+    list: &SourceList,
     writer: &RunningWriter,
 ) -> Handles {
     let mut sources = Vec::new();
-    let mut kinds: Vec<&'static str> = Vec::new();
     for c in components {
         if let Some(st) = &c.stats {
             sources.push((c.name.clone(), st.clone()));
-            kinds.push(c.kind);
+            lock_sources(list).push((c.name.clone(), c.kind, st.clone()));
         }
         supervisor.start(c);
     }
     // The sources' status, stored for `hvac-edge sources` when it changed (at most every
     // STATUS_EVERY; nothing is written while nothing changes).
     let tx = obs.clone();
-    let named: Vec<(String, &'static str, SharedStats)> = sources
-        .iter()
-        .zip(kinds.iter())
-        .map(|((n, st), k)| (n.clone(), *k, st.clone()))
-        .collect();
+    let named = list.clone();
     supervisor.start_task(topology::Role::Source, "status", |tok| async move {
         let mut iv = tokio::time::interval(STATUS_EVERY);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -296,12 +522,16 @@ fn start(
                 _ = iv.tick() => {}
                 _ = tok.cancelled() => break,
             }
-            let now: Vec<SourceStatus> = named.iter().map(|(n, k, st)| st.snapshot(n, k)).collect();
+            let now: Vec<SourceStatus> = lock_sources(&named)
+                .iter()
+                .map(|(n, k, st)| st.snapshot(n, k))
+                .collect();
             if now != last && tx.try_send(WriterMsg::Status(now.clone())).is_ok() {
                 last = now;
             }
         }
     });
+    let obs = obs.clone();
     supervisor.start_task(topology::Role::Source, "ticker", |tok| async move {
         let mut iv = tokio::time::interval(Duration::from_secs(1));
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,23 +566,43 @@ fn announce(
     }
 }
 
-/// Waits for a stop: `shutdown`, the writer ending (an error is fatal), or a component that
-/// stopped on its own (fatal). Returns the fatal error, if any.
+/// Why [`wait`] returned.
+enum Wake {
+    /// Stop, with the fatal error if there is one.
+    Stop(Option<anyhow::Error>),
+    /// A reload was asked for.
+    Reload,
+}
+
+/// Waits for a stop (`shutdown`, the writer ending, a component that stopped on its own: the
+/// last two are fatal) or a reload request.
 async fn wait(
     shutdown: &CancellationToken,
     writer: &mut RunningWriter,
     failures: &mut mpsc::Receiver<anyhow::Error>,
-) -> Option<anyhow::Error> {
+    reloads: Option<&mut Reloads>,
+) -> Wake {
+    let reload = async move {
+        let asked = match reloads {
+            Some(r) => r.requests.recv().await.is_some(),
+            None => false,
+        };
+        if !asked {
+            // No reloads, or nobody can ask any more: never.
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
-        _ = shutdown.cancelled() => None,
+        _ = shutdown.cancelled() => Wake::Stop(None),
         r = &mut writer.done => {
             writer.result = Some(r);
-            None
+            Wake::Stop(None)
         }
         Some(e) = failures.recv() => {
             tracing::error!(error = format!("{e:#}"), "A component stopped; shutting down so that systemd restarts the daemon");
-            Some(e)
+            Wake::Stop(Some(e))
         }
+        () = reload => Wake::Reload,
     }
 }
 
@@ -418,11 +668,15 @@ fn writer_settings(cfg: &Config) -> WriterSettings {
     }
 }
 
-/// Cancels `token` on SIGTERM or SIGINT; logs SIGHUP (reload is not implemented yet).
+/// Cancels `token` on SIGTERM or SIGINT; forwards each SIGHUP to `reload` (a request that
+/// arrives while one is waiting is merged with it).
 ///
 /// # Errors
 /// When the signal handlers cannot be installed.
-pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+pub fn spawn_signal_handler(
+    token: CancellationToken,
+    reload: Option<mpsc::Sender<()>>,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -432,9 +686,13 @@ pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM received"); token.cancel(); break; }
                 _ = int.recv() => { tracing::info!("SIGINT received"); token.cancel(); break; }
-                _ = hup.recv() => {
-                    tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply changes");
-                }
+                _ = hup.recv() => match &reload {
+                    Some(tx) => {
+                        tracing::info!("SIGHUP received: reloading the configuration");
+                        let _ = tx.try_send(());
+                    }
+                    None => tracing::warn!("SIGHUP received, but this process does not reload its configuration"),
+                },
             }
         }
     });

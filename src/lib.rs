@@ -28,6 +28,7 @@ pub mod demo;
 pub mod diff;
 pub mod model;
 pub mod receiver;
+pub mod reload;
 pub mod sinks;
 pub mod sources;
 pub mod store;

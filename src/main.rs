@@ -9,6 +9,17 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::CheckConfig { config } => cli::check_config::run(&config),
+        Command::Reload {
+            config,
+            pid,
+            timeout_secs,
+            json,
+        } => cli::reload::run(
+            &config,
+            pid,
+            std::time::Duration::from_secs(timeout_secs),
+            json,
+        ),
         Command::Queue { command } => {
             let res = match command {
                 QueueCommand::Stats { db, json } => {
@@ -117,10 +128,20 @@ fn run_daemon(path: &std::path::Path, allow_root: bool) -> i32 {
         Ok(rt) => rt,
         Err(e) => return report(Err(e)),
     };
+    let file = path.to_path_buf();
     let res = rt.block_on(async move {
         let token = CancellationToken::new();
-        daemon::spawn_signal_handler(token.clone())?;
-        daemon::run(cfg, token, None).await
+        let (tx, requests) = tokio::sync::mpsc::channel(1);
+        daemon::spawn_signal_handler(token.clone(), Some(tx))?;
+        let reloads = daemon::Reloads {
+            requests,
+            load: Box::new({
+                let file = file.clone();
+                move || config::load(&file)
+            }),
+            path: file,
+        };
+        daemon::run_with_reloads(cfg, token, Some(reloads), None).await
     });
     match res {
         Ok(()) => 0,

@@ -253,6 +253,19 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
     Ok(out)
 }
 
+/// What a reload does to the running components.
+pub struct Plan {
+    /// Removed or changed: stop these (and wait until they ended) first.
+    pub stop: Vec<(Role, String)>,
+    /// Added or changed: start these after the writer took the new settings.
+    pub start: Vec<Component>,
+    /// For the outcome: `sink NAME`, `source NAME`.
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub restarted: Vec<String>,
+    pub unchanged: usize,
+}
+
 /// Runs components and the daemon's own tasks, each under its own token, and reports every
 /// task that ends on its own with an error or a panic.
 pub struct Supervisor {
@@ -309,6 +322,48 @@ impl Supervisor {
         self.running
             .get(&(role, name.to_string()))
             .map(|r| r.digest.as_str())
+    }
+
+    /// Compares freshly built components with the running ones by (role, name, digest): the
+    /// untouched ones are dropped from `built` and keep running.
+    pub fn plan(&self, built: Vec<Component>) -> Plan {
+        let mut plan = Plan {
+            stop: Vec::new(),
+            start: Vec::new(),
+            started: Vec::new(),
+            stopped: Vec::new(),
+            restarted: Vec::new(),
+            unchanged: 0,
+        };
+        let mut wanted = std::collections::HashSet::new();
+        for c in built {
+            let key = (c.role, c.name.clone());
+            let label = format!("{} {}", c.role.as_str(), c.name);
+            match self.running.get(&key) {
+                Some(r) if r.digest == c.digest => plan.unchanged += 1,
+                Some(_) => {
+                    plan.stop.push(key.clone());
+                    plan.restarted.push(label);
+                    plan.start.push(c);
+                }
+                None => {
+                    plan.started.push(label);
+                    plan.start.push(c);
+                }
+            }
+            wanted.insert(key);
+        }
+        let mut gone: Vec<&(Role, String)> = self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .collect();
+        gone.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        for (role, name) in gone {
+            plan.stop.push((*role, name.clone()));
+            plan.stopped.push(format!("{} {name}", role.as_str()));
+        }
+        plan
     }
 
     /// Stops one component and waits (at most `timeout`) until it has ended, so that a
@@ -465,5 +520,63 @@ mod tests {
         assert_eq!(sup.digest(Role::Sink, "slow"), None);
         assert!(sup.stop_sinks(Duration::from_secs(5)).await);
         assert!(fails.try_recv().is_err(), "a stop is not a failure");
+    }
+
+    fn idle(name: &str, role: Role, digest: &str) -> Component {
+        Component {
+            name: name.into(),
+            kind: "test",
+            role,
+            stats: None,
+            digest: digest.into(),
+            run: Box::new(|tok| {
+                Box::pin(async move {
+                    tok.cancelled().await;
+                    Ok(())
+                })
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plan_keeps_untouched_components_and_restarts_only_changed_ones() {
+        let (mut sup, _fails) = Supervisor::new();
+        sup.start(idle("z2m", Role::Source, "s1"));
+        sup.start(idle("otgw", Role::Source, "o1"));
+        sup.start(idle("cloud", Role::Sink, "c1"));
+        sup.start(idle("old", Role::Sink, "x1"));
+        let plan = sup.plan(vec![
+            idle("z2m", Role::Source, "s2"),
+            idle("otgw", Role::Source, "o1"),
+            idle("cloud", Role::Sink, "c1"),
+            idle("new", Role::Sink, "n1"),
+            // Same name, other role: a different component.
+            idle("z2m", Role::Sink, "s1"),
+        ]);
+        assert_eq!(plan.unchanged, 2);
+        assert_eq!(plan.restarted, vec!["source z2m"]);
+        assert_eq!(plan.started, vec!["sink new", "sink z2m"]);
+        assert_eq!(plan.stopped, vec!["sink old"]);
+        assert_eq!(
+            plan.stop,
+            vec![
+                (Role::Source, "z2m".to_string()),
+                (Role::Sink, "old".to_string())
+            ]
+        );
+        let starting: Vec<(Role, String, String)> = plan
+            .start
+            .iter()
+            .map(|c| (c.role, c.name.clone(), c.digest.clone()))
+            .collect();
+        assert_eq!(
+            starting,
+            vec![
+                (Role::Source, "z2m".into(), "s2".into()),
+                (Role::Sink, "new".into(), "n1".into()),
+                (Role::Sink, "z2m".into(), "s1".into()),
+            ]
+        );
+        assert!(sup.stop_sinks(Duration::from_secs(5)).await);
     }
 }

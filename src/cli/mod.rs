@@ -5,6 +5,7 @@
 
 pub mod check_config;
 pub mod queue;
+pub mod reload;
 pub mod sinks;
 pub mod sources;
 pub mod support_bundle;
@@ -54,6 +55,27 @@ pub enum Command {
         /// Print only status lines and the summary, not every event.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Validate the config, then make the running daemon apply it without a restart and print
+    /// what changed (or every problem that kept the old config running).
+    ///
+    /// Sources and sinks added, removed or changed are started, stopped or restarted; the
+    /// others keep running; nothing queued is lost. `[gateway]`, `[store]`, `[log]` and
+    /// `pipeline.queue_len` need a restart. Exit 0 applied, 1 refused, 3 not running, 78 invalid.
+    ///
+    /// Example: `sudo -u hvac-edge hvac-edge reload` (or `systemctl reload hvac-edge`)
+    Reload {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The daemon's process id (default: the one recorded in the database).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// How long to wait for the daemon's answer.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a config file and print every problem, each with its key.
     CheckConfig {

@@ -41,6 +41,15 @@
 //!   error kind; a capped response snippet), for a technician. Successes are only counted in
 //!   `sinks` (one row per delivered request would wear the flash for nothing).
 
+//!
+//! Added in v6 (live reload):
+//! - `reloads`: the outcome of each configuration reload (who asked is the signal's sender, so
+//!   only when and what): `ok`, and `outcome`, the JSON of `daemon::ReloadOutcome` (components
+//!   started, stopped and restarted, or every problem that kept the old config running). The
+//!   daemon writes it; `hvac-edge reload` waits for the row and prints it. The last 100 stay.
+//! - `meta.daemon_pid`, `meta.daemon_started_at`: the running daemon's process id and start
+//!   time (ms), written at start, so the CLI can find the process to signal.
+
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -144,5 +153,15 @@ CREATE TABLE sink_attempts (
     snippet TEXT
 );
 CREATE INDEX sink_attempts_by_sink ON sink_attempts (sink, id);
+"#,
+    // v6: reload outcomes.
+    r#"
+CREATE TABLE reloads (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    outcome TEXT NOT NULL
+);
 "#,
 ];

@@ -45,12 +45,14 @@ fn systemd_analyze(args: &[&str], unit: &std::path::Path) -> std::process::Outpu
 fn the_unit_verifies_and_rates_at_most_2_0_exposure() {
     let sb = Sandbox::new("deploy_unit");
     let unit = include_str!("../../systemd/hvac-edge.service");
-    // `verify` checks that ExecStart= is executable: point it at the binary just built.
+    // `verify` checks that ExecStart= and ExecReload= are executable: point them at the binary
+    // just built.
+    assert!(unit.contains("\nExecStart=/usr/bin/hvac-edge run -c "));
+    assert!(unit.contains("\nExecReload=/usr/bin/hvac-edge reload -c "));
     let local = unit.replace(
-        "ExecStart=/usr/bin/hvac-edge run",
-        &format!("ExecStart={} run", env!("CARGO_BIN_EXE_hvac-edge")),
+        "=/usr/bin/hvac-edge ",
+        &format!("={} ", env!("CARGO_BIN_EXE_hvac-edge")),
     );
-    assert_ne!(local, unit, "the unit starts /usr/bin/hvac-edge run");
     let path = sb.path().join("hvac-edge.service");
     std::fs::write(&path, local).unwrap();
     let out = systemd_analyze(&["verify"], &path);
@@ -165,7 +167,7 @@ fn notifications(
 }
 
 #[test]
-fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_and_stopping() {
+fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_reloading_and_stopping() {
     use std::time::Duration;
     let sb = Sandbox::new("deploy_notify");
     let sock_path = sb.path().join("notify.sock");
@@ -180,7 +182,7 @@ fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_and_stopp
     let got = notifications(&sock, TIMEOUT, |g| g.iter().any(|l| l == "READY=1"));
     // READY=1 only once the database is open and migrated.
     let db = Db::open(&tc.db_path());
-    assert_eq!(db.count("PRAGMA user_version"), 5);
+    assert_eq!(db.count("PRAGMA user_version"), 6);
     assert!(
         got.iter().all(|l| l != "STOPPING=1"),
         "nothing but readiness yet: {got:?}"
@@ -198,6 +200,26 @@ fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_and_stopp
     assert!(
         status.contains(", stored ") && status.contains(", evicted "),
         "{status}"
+    );
+    // A reload (here with an unchanged file) is framed by RELOADING=1 (with the monotonic
+    // time systemd wants) and READY=1, with the outcome as STATUS=.
+    d.signal(libc::SIGHUP);
+    let got = notifications(&sock, TIMEOUT, |g| {
+        g.iter()
+            .skip_while(|l| *l != "RELOADING=1")
+            .any(|l| l == "READY=1")
+    });
+    let framed: Vec<&String> = got
+        .iter()
+        .skip_while(|l| *l != "RELOADING=1")
+        .filter(|l| !l.starts_with("WATCHDOG") && !l.starts_with("STATUS=events"))
+        .collect();
+    assert_eq!(framed[0], "RELOADING=1");
+    assert!(framed[1].starts_with("MONOTONIC_USEC="), "{framed:?}");
+    assert_eq!(framed[2], "READY=1");
+    assert_eq!(
+        framed[3],
+        "STATUS=reloaded: started none; stopped none; restarted none; 1 unchanged"
     );
     d.sigterm();
     notifications(&sock, TIMEOUT, |g| g.iter().any(|l| l == "STOPPING=1"));

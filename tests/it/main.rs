@@ -24,6 +24,8 @@ mod interop;
 mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
 mod pipeline;
+/// Live reload: SIGHUP and `hvac-edge reload` on the real binary.
+mod reload;
 mod serial;
 /// Endpoint errors, bisection, timeouts, clock steps, store errors, corrupt files.
 mod trust;

@@ -261,6 +261,12 @@ impl TestConfig {
         path
     }
 
+    /// Removes MQTT source `name` (to add it again with other settings).
+    pub fn remove_source(&mut self, name: &str) -> &mut Self {
+        self.mqtt.retain(|c| c.name != name);
+        self
+    }
+
     /// Removes sink `name` (to restart the daemon without it).
     pub fn remove_sink(&mut self, name: &str) -> &mut Self {
         self.sinks.retain(|c| c.name != name);

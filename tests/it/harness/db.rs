@@ -85,6 +85,13 @@ impl Db {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// The single text `sql` returns.
+    pub fn text(&self, sql: &str) -> String {
+        self.conn
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Every row of `events`, by position.
     pub fn events(&self) -> Vec<EventRow> {
         let mut st = self
