@@ -304,6 +304,8 @@ async fn apply(
         stopped: plan.stopped,
         restarted: plan.restarted,
         unchanged: plan.unchanged,
+        writer_changed: format!("{:?}", writer_settings(cfg))
+            != format!("{:?}", writer_settings(&new)),
         problems: Vec::new(),
         warnings: new.warnings().iter().map(ToString::to_string).collect(),
     };

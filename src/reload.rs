@@ -32,6 +32,9 @@ pub struct ReloadOutcome {
     /// How many components kept running untouched.
     #[serde(default)]
     pub unchanged: usize,
+    /// The writer's settings changed (devices metadata, deadbands, limits, timings, sinks).
+    #[serde(default)]
+    pub writer_changed: bool,
     /// Every problem, each with its key where there is one.
     #[serde(default)]
     pub problems: Vec<String>,
@@ -68,11 +71,16 @@ impl ReloadOutcome {
             }
         };
         format!(
-            "reloaded: started {}; stopped {}; restarted {}; {} unchanged{}",
+            "reloaded: started {}; stopped {}; restarted {}; {} unchanged{}{}",
             list(&self.started),
             list(&self.stopped),
             list(&self.restarted),
             self.unchanged,
+            if self.writer_changed {
+                "; writer settings updated"
+            } else {
+                ""
+            },
             if self.problems.is_empty() {
                 String::new()
             } else {

@@ -100,6 +100,7 @@ async fn a_reload_adds_and_removes_sinks_and_changes_topics_without_a_restart_a_
     assert_eq!(strings(&o["restarted"]), vec!["source lan"]);
     assert!(strings(&o["stopped"]).is_empty(), "{o}");
     assert_eq!(o["unchanged"], 1, "sink a kept running: {o}");
+    assert_eq!(o["writer_changed"], true, "a new sink for GC: {o}");
     assert_eq!(o["pid"], d.pid(), "the same process: no restart");
     assert!(d.try_status().is_none(), "still running");
     // The restarted source subscribes to the new topics (a second SUBSCRIBE of its client id).
@@ -151,6 +152,7 @@ async fn a_reload_adds_and_removes_sinks_and_changes_topics_without_a_restart_a_
     assert_eq!(strings(&o["stopped"]), vec!["sink a"]);
     assert!(strings(&o["started"]).is_empty() && strings(&o["restarted"]).is_empty());
     assert_eq!(o["unchanged"], 2, "{o}");
+    assert_eq!(o["writer_changed"], true, "GC no longer waits for a: {o}");
     let a_requests = a.request_count();
     for i in 0..3 {
         p.publish(
