@@ -100,8 +100,19 @@ fn ask(db: &Path, pid: Option<u32>, timeout: Duration) -> anyhow::Result<Asked> 
     }
 }
 
+/// The pid of the daemon running on the database `conn` is open on (the pid it recorded, if
+/// that process is alive and is hvac-edge), or None.
+///
+/// # Errors
+/// A store error.
+pub fn running_daemon(conn: &rusqlite::Connection, db: &Path) -> anyhow::Result<Option<u32>> {
+    Ok(reloads::daemon(conn, db)?
+        .map(|(p, _)| p)
+        .filter(|p| not_hvac_edge(*p).is_none()))
+}
+
 /// Why `pid` is not a running hvac-edge, or None when it is.
-fn not_hvac_edge(pid: u32) -> Option<String> {
+pub fn not_hvac_edge(pid: u32) -> Option<String> {
     match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
         Ok(comm) if comm.trim_end() == "hvac-edge" => None,
         Ok(comm) => Some(format!(
