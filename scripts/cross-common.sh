@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this
 # Shared by scripts/cross-build.sh, cross-smoke.sh and package.sh (sourced, not run).
 # Target table, the build directory, and installing missing Debian packages.
 

@@ -195,8 +195,11 @@ if [ "$broker_ok" -eq 1 ]; then
         pub "$BASE/living-room" '{"local_temperature":20.9,"current_heating_setpoint":21,"system_mode":"heat","running_state":"heat","humidity":45,"linkquality":118}' || ok=0
         pub "$BASE/living-room" '{"local_temperature":20.9,"current_heating_setpoint":19.5,"system_mode":"heat","running_state":"idle","humidity":45,"linkquality":118}' || ok=0
         pub "$BASE/office" '{"local_temperature":22.1,"occupied_heating_setpoint":20,"system_mode":"auto","running_state":"idle"}' || ok=0
-        [ "$ok" -eq 1 ] && pass "mosquitto_pub -q 1: 5 Zigbee2MQTT messages (2 thermostats)" \
-            || fail "mosquitto_pub" "$TMP/mosquitto.log"
+        if [ "$ok" -eq 1 ]; then
+            pass "mosquitto_pub -q 1: 5 Zigbee2MQTT messages (2 thermostats)"
+        else
+            fail "mosquitto_pub" "$TMP/mosquitto.log"
+        fi
         # Committed: at least one event per state change (setpoint 21 -> 19.5, temperature
         # 20.4 -> 20.9, load state, the second device), all pending for the unreachable sink.
         committed() {
