@@ -33,8 +33,57 @@ fn main() {
                 } => db
                     .path()
                     .and_then(|p| cli::queue::dead_letters(&p, sink.as_deref(), limit, json)),
+                QueueCommand::Retry {
+                    db,
+                    sink,
+                    reason,
+                    events,
+                    since,
+                    until,
+                    dry_run,
+                    wait,
+                    json,
+                } => {
+                    let sel = cli::control::Selection {
+                        sink,
+                        reason,
+                        events,
+                        since,
+                        until,
+                    };
+                    exit(db.path().and_then(|p| {
+                        cli::control::retry(
+                            &p,
+                            &sel,
+                            dry_run,
+                            wait.map(std::time::Duration::from_secs),
+                            json,
+                        )
+                    }));
+                }
+                QueueCommand::Purge {
+                    db,
+                    older_than,
+                    sink,
+                    reason,
+                    yes,
+                    dry_run,
+                    json,
+                } => {
+                    let sel = cli::control::Selection {
+                        sink,
+                        reason,
+                        ..Default::default()
+                    };
+                    exit(db.path().and_then(|p| {
+                        cli::control::purge(&p, &sel, &older_than, yes, dry_run, json)
+                    }));
+                }
             };
             report(res)
+        }
+        Command::Audit { db, limit, json } => {
+            report(db.path().and_then(|p| cli::control::audit(&p, limit, json)))
         }
         Command::SupportBundle { db, output } => report(
             cli::support_bundle::run(&db.config, db.db.as_deref(), output.as_deref()).map(|p| {
@@ -52,6 +101,19 @@ fn main() {
                 SinksCommand::Disable { name, note, db } => db
                     .path()
                     .and_then(|p| cli::sinks::set(&p, &name, false, note.as_deref())),
+                SinksCommand::Test {
+                    name,
+                    config,
+                    timeout_secs,
+                    json,
+                } => {
+                    exit(cli::control::test_sink(
+                        &config,
+                        &name,
+                        std::time::Duration::from_secs(timeout_secs),
+                        json,
+                    ));
+                }
             };
             report(res)
         }
@@ -90,6 +152,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("hvac-edge")
         .build()?)
+}
+
+/// Exits with the command's own code, or 1 after printing its error.
+fn exit(res: anyhow::Result<i32>) -> ! {
+    let code = match res {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code)
 }
 
 fn report(res: anyhow::Result<()>) -> i32 {

@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 runtime failure, 2 usage (clap), 78 config error (sysexits `EX_CONFIG`).
 
 pub mod check_config;
+pub mod control;
 pub mod queue;
 pub mod reload;
 pub mod sinks;
@@ -106,6 +107,18 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Every change a technician made (retry, purge, sinks enable/disable/test) and every
+    /// reload: who, when, what, how many events, the outcome. Newest first.
+    ///
+    /// Example: `hvac-edge audit --limit 20`
+    Audit {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch a sink off (its events are held) or on again (also after DISABLED_DUE_TO_ERRORS).
     Sinks {
         #[command(subcommand)]
@@ -116,6 +129,22 @@ pub enum Command {
 /// `hvac-edge sinks …`
 #[derive(Debug, Subcommand)]
 pub enum SinksCommand {
+    /// Send one signed test event (type `test`, device `@gateway`, seq 0) to a sink's endpoint
+    /// and print the status, the latency and the first bytes of the answer. Goes through the
+    /// running daemon's sink (its connection, its tokens) when it runs; exit 1 when refused.
+    ///
+    /// Example: `hvac-edge sinks test installer-portal`
+    Test {
+        /// The sink's name (as in the config).
+        name: String,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// How long to wait for the daemon to run it.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Deliver again: a paused sink, or one disabled after errors, sends what it held, in order.
     ///
     /// Example: `hvac-edge sinks enable installer-portal --note "portal fixed, ticket 4711"`
@@ -145,6 +174,64 @@ pub enum SinksCommand {
 /// `hvac-edge queue …`
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
+    /// Re-queue dead letters for redelivery to their sink, with their original ids, seqs and
+    /// payloads (sent before the pending events; works while the daemon runs, within a second).
+    ///
+    /// Select by sink, reason, event id and when they died; `--dry-run` only counts.
+    ///
+    /// Example: `hvac-edge queue retry --sink portal --reason rejected --since 2h --wait 30`
+    Retry {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only this sink's dead letters.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only this reason (`rejected`, `expired`, `invalid`, `banned`, `unreadable`).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only these event ids (repeat the flag).
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// Dead since (RFC 3339 or an age: 90s, 15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Dead before (RFC 3339 or an age).
+        #[arg(long)]
+        until: Option<String>,
+        /// Count what would be re-queued; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait up to this many seconds for the running daemon to deliver them; exit 1 if some
+        /// were refused again or are still waiting.
+        #[arg(long)]
+        wait: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters older than a bound, for good (asks first on a terminal).
+    ///
+    /// Example: `hvac-edge queue purge --older-than 30d --sink old-portal --yes`
+    Purge {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only dead letters older than this age (90s, 15m, 2h, 7d).
+        #[arg(long)]
+        older_than: String,
+        /// Only this sink's.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only this reason.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Count what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Per sink: pending events, oldest pending age, dead letters, next attempt; database size.
     Stats {
         #[command(flatten)]

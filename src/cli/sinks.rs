@@ -3,13 +3,14 @@
 //! The daemon only reads that table (within a second), so this write is never undone by the
 //! daemon's own saves: a disabled sink holds its events (`PAUSED`); enabling a sink also
 //! re-enables one that stopped itself after errors (`DISABLED_DUE_TO_ERRORS`), and it then
-//! delivers everything it held, in order. Works whether or not the daemon runs.
+//! delivers everything it held, in order. Works whether or not the daemon runs. Each change is
+//! recorded for `hvac-edge audit`.
 
 use crate::store::{self, outbox};
 use std::path::Path;
 
 /// Who made the change, for the record: `$SUDO_USER`, else `$USER`, else the uid.
-fn who() -> String {
+pub fn who() -> String {
     std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
         // SAFETY: getuid has no preconditions and cannot fail.
@@ -35,14 +36,29 @@ pub fn set(db: &Path, name: &str, enabled: bool, note: Option<&str>) -> anyhow::
         );
     }
     let by = who();
-    outbox::set_sink_control(
+    let now = crate::telemetry::now_ms();
+    outbox::set_sink_control(&conn, db, name, enabled, note, Some(&by), now)?;
+    let action = if enabled {
+        "sink_enable"
+    } else {
+        "sink_disable"
+    };
+    crate::store::control::record_done(
         &conn,
         db,
-        name,
-        enabled,
-        note,
-        Some(&by),
-        crate::telemetry::now_ms(),
+        &crate::store::control::Request {
+            at: now,
+            by: &by,
+            action,
+            sink: Some(name),
+            args: &serde_json::json!({ "note": note }).to_string(),
+        },
+        0,
+        if enabled {
+            "enabled: it delivers what it held"
+        } else {
+            "disabled: its events are held"
+        },
     )?;
     if enabled {
         println!(

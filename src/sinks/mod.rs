@@ -197,6 +197,8 @@ pub struct RunnerSettings {
     pub drop_during_ban: bool,
     /// Digest of the sink's configuration: a change re-enables a sink disabled after errors.
     pub config_digest: String,
+    /// The gateway id (for test events).
+    pub gateway: String,
 }
 
 /// A short digest of a sink's configuration (its `Debug` form: paths and settings, never the
@@ -229,6 +231,7 @@ impl RunnerSettings {
             ban: None,
             drop_during_ban: false,
             config_digest: config_digest(cfg),
+            gateway: String::new(),
         }
     }
 
@@ -259,6 +262,7 @@ impl RunnerSettings {
             }),
             drop_during_ban: cfg.drop_during_ban,
             config_digest: config_digest(cfg),
+            gateway: String::new(),
         }
     }
 
@@ -283,6 +287,7 @@ impl RunnerSettings {
             ban: None,
             drop_during_ban: false,
             config_digest: config_digest(cfg),
+            gateway: String::new(),
         }
     }
 }
@@ -324,7 +329,9 @@ impl HttpSink {
     /// The sink's config problem, naming it.
     pub fn new(cfg: HttpSinkConfig, gateway: &str) -> Result<HttpSink, Error> {
         let transport = http::HttpTransport::new(&cfg, gateway)?;
-        Ok(Sink::with_transport(RunnerSettings::http(&cfg), transport))
+        let mut settings = RunnerSettings::http(&cfg);
+        settings.gateway = gateway.to_string();
+        Ok(Sink::with_transport(settings, transport))
     }
 }
 
@@ -335,10 +342,9 @@ impl WebhookSink {
     /// The sink's config problem, naming it.
     pub fn new(cfg: WebhookSinkConfig, gateway: &str) -> Result<WebhookSink, Error> {
         let transport = webhook::WebhookTransport::new(&cfg, gateway)?;
-        Ok(Sink::with_transport(
-            RunnerSettings::webhook(&cfg),
-            transport,
-        ))
+        let mut settings = RunnerSettings::webhook(&cfg);
+        settings.gateway = gateway.to_string();
+        Ok(Sink::with_transport(settings, transport))
     }
 }
 
@@ -349,7 +355,89 @@ impl MqttSink {
     /// The sink's config problem, naming it.
     pub fn new(cfg: MqttSinkConfig, gateway: &str) -> Result<MqttSink, Error> {
         let transport = mqtt::MqttTransport::new(&cfg, gateway)?;
-        Ok(Sink::with_transport(RunnerSettings::mqtt(&cfg), transport))
+        let mut settings = RunnerSettings::mqtt(&cfg);
+        settings.gateway = gateway.to_string();
+        Ok(Sink::with_transport(settings, transport))
+    }
+}
+
+/// The answer to a technician's test delivery (`hvac-edge sinks test`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TestOutcome {
+    /// The receiver accepted it (a 2xx below the sink's failure status; MQTT: the PUBACK).
+    pub ok: bool,
+    /// The HTTP status, if there was an answer.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// The first bytes of the answer, or what went wrong.
+    pub answer: String,
+    /// The test event's id (type `test`, device `@gateway`, seq 0).
+    pub event_id: String,
+}
+
+/// The event a test delivery sends: type `test`, the gateway's own device id, seq 0 (outside
+/// every sequence), `current` naming who asked; never stored in the outbox.
+pub fn test_event(
+    gateway: &str,
+    by: &str,
+    control_id: i64,
+    clock: crate::model::ClockState,
+) -> outbox::StoredEvent {
+    let now = crate::telemetry::now_ms();
+    let ev = crate::model::Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        seq: 0,
+        kind: "test".to_string(),
+        gateway: gateway.to_string(),
+        plant: None,
+        device: crate::channel::GATEWAY_DEVICE.to_string(),
+        module: None,
+        observed_at: crate::model::format_rfc3339_ms(now),
+        clock,
+        previous: serde_json::Value::Null,
+        current: serde_json::json!({ "test": true, "requested_by": by, "control_id": control_id }),
+        state: crate::model::DeviceState::default(),
+    };
+    outbox::StoredEvent {
+        pos: 0,
+        id: ev.id.clone(),
+        device: ev.device.clone(),
+        seq: 0,
+        kind: ev.kind.clone(),
+        observed_at: now,
+        payload: serde_json::to_string(&ev).unwrap_or_default(),
+        damaged: false,
+    }
+}
+
+/// What a test delivery's outcome tells a technician.
+fn test_outcome(
+    o: &delivery::Outcome,
+    policy: &RetryPolicy,
+    latency_ms: u64,
+    event_id: String,
+) -> TestOutcome {
+    let (ok, status, answer) = match o {
+        delivery::Outcome::Acked => (true, None, "acknowledged".to_string()),
+        delivery::Outcome::Status { code, snippet, .. } => (
+            (200..policy.failure_status_min).contains(code),
+            Some(*code),
+            snippet.clone(),
+        ),
+        delivery::Outcome::Timeout => (false, None, "no answer within the timeout".to_string()),
+        delivery::Outcome::Connect(m) => (false, None, format!("cannot connect: {m}")),
+        delivery::Outcome::Other(m) => (false, None, m.clone()),
+        delivery::Outcome::Auth(m) => (false, None, format!("no credentials: {m}")),
+        delivery::Outcome::Invalid(m) => {
+            (false, None, format!("cannot take the sink's shape: {m}"))
+        }
+    };
+    TestOutcome {
+        ok,
+        status,
+        latency_ms,
+        answer,
+        event_id,
     }
 }
 
@@ -357,6 +445,49 @@ impl<T: Transport> Sink<T> {
     /// A sink of any kind: its runner settings and its transport.
     pub fn with_transport(cfg: RunnerSettings, transport: T) -> Sink<T> {
         Sink { cfg, transport }
+    }
+
+    /// One test delivery through this sink's transport (signed like any delivery).
+    pub async fn test_delivery(
+        &mut self,
+        by: &str,
+        control_id: i64,
+        clock: crate::model::ClockState,
+    ) -> TestOutcome {
+        let ev = test_event(&self.cfg.gateway, by, control_id, clock);
+        let id = ev.id.clone();
+        let started = Instant::now();
+        let outcome = self.transport.deliver(std::slice::from_ref(&ev)).await;
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        test_outcome(&outcome, &self.cfg.policy, ms, id)
+    }
+
+    /// A test delivery without a running daemon (the CLI): runs the transport's connection
+    /// task beside it when it has one (MQTT), then closes the transport.
+    pub async fn test_alone(
+        mut self,
+        by: &str,
+        control_id: i64,
+        clock: crate::model::ClockState,
+    ) -> TestOutcome {
+        let background = self.transport.take_background();
+        let out = match background {
+            Some(bg) => {
+                tokio::select! {
+                    o = self.test_delivery(by, control_id, clock) => o,
+                    () = bg => TestOutcome {
+                        ok: false,
+                        status: None,
+                        latency_ms: 0,
+                        answer: "the connection task ended".into(),
+                        event_id: String::new(),
+                    },
+                }
+            }
+            None => self.test_delivery(by, control_id, clock).await,
+        };
+        self.transport.close().await;
+        out
     }
 
     /// Runs the delivery loop until `shutdown` is cancelled (or the writer is gone and the
@@ -391,6 +522,8 @@ impl<T: Transport> Sink<T> {
             consecutive_rejected: 0,
             store_failures: 0,
             owes_recovery: false,
+            requeued: false,
+            requeue_single: false,
         };
         loop {
             match runner.deliver(&shutdown).await {
@@ -509,6 +642,10 @@ struct Runner<T: Transport> {
     store_failures: u32,
     /// Banned, disabled or re-enabled since the last delivery: the next one is a `recovered`.
     owes_recovery: bool,
+    /// Re-queued dead letters are waiting (looked up with the technician's switch).
+    requeued: bool,
+    /// A re-queued batch was refused or too slow: send them one by one.
+    requeue_single: bool,
 }
 
 impl<T: Transport> Runner<T> {
@@ -610,10 +747,17 @@ impl<T: Transport> Runner<T> {
                 .is_none_or(|(at, _)| at.elapsed() >= CONTROL_POLL)
             {
                 let me = name.clone();
-                let c = st
-                    .blocking(move |c, p| outbox::sink_control(c, p, &me))
+                let (c, requeued) = st
+                    .blocking(move |c, p| -> Result<_, store::Error> {
+                        Ok((
+                            outbox::sink_control(c, p, &me)?,
+                            store::control::has_requeued(c, p, &me)?,
+                        ))
+                    })
                     .await??;
                 control_read = Some((Instant::now(), c));
+                self.requeued = requeued;
+                self.run_pending_tests(&st).await?;
             }
             let control = control_read.as_ref().and_then(|(_, c)| c.clone());
             if let Some(ctl) = control.as_ref().filter(|c| !c.enabled) {
@@ -734,6 +878,10 @@ impl<T: Transport> Runner<T> {
                 st.flush(false).await?;
                 continue;
             }
+            // A technician's `queue retry`: those go first.
+            if self.requeued && self.deliver_requeued(&mut st).await? {
+                continue;
+            }
             let cursor = st.row.cursor;
             let filtered = self.sink.transport.filters();
             let limit = self.batch.limit;
@@ -766,9 +914,11 @@ impl<T: Transport> Runner<T> {
                 } else {
                     Duration::MAX
                 };
+                // Also wakes every CONTROL_POLL for a technician's retry or test (reads only).
                 tokio::select! {
                     r = self.ctx.committed.changed() => if r.is_err() { writer_gone = true; },
                     _ = tokio::time::sleep(flush_in), if st.dirty => st.flush(true).await?,
+                    _ = tokio::time::sleep(CONTROL_POLL) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
@@ -986,6 +1136,152 @@ impl<T: Transport> Runner<T> {
         self.sink.transport.close().await;
         tracing::info!(sink = %name, cursor = st.row.cursor, "Sink stopped");
         Ok(())
+    }
+
+    /// A technician's `sinks test` waiting for this sink (a `pending` row of `control`): one
+    /// test delivery each, whatever the sink's state (a paused or banned endpoint can be tested
+    /// before it is enabled), the outcome recorded in the row.
+    async fn run_pending_tests(&mut self, st: &LoopState) -> Result<(), Error> {
+        for _ in 0..4 {
+            let me = st.name.clone();
+            let Some(change) = st
+                .blocking(move |c, p| store::control::next_pending(c, p, &me))
+                .await??
+            else {
+                return Ok(());
+            };
+            let clock = crate::store::writer::clock_state(self.ctx.clock_source);
+            let (ok, events, outcome) = if change.action == "sink_test" {
+                let t = self.sink.test_delivery(&change.by, change.id, clock).await;
+                tracing::info!(sink = %st.name, ok = t.ok, status = ?t.status, latency_ms = t.latency_ms, by = %change.by, "Test delivery");
+                (t.ok, 1, serde_json::to_string(&t).unwrap_or_default())
+            } else {
+                (
+                    false,
+                    0,
+                    format!("unknown action {:?} for a sink", change.action),
+                )
+            };
+            let by = format!("daemon pid {}", std::process::id());
+            st.blocking(move |c, p| {
+                store::control::complete(
+                    c,
+                    p,
+                    change.id,
+                    ok,
+                    &by,
+                    events,
+                    &outcome,
+                    crate::telemetry::now_ms(),
+                )
+            })
+            .await??;
+        }
+        Ok(())
+    }
+
+    /// Sends re-queued dead letters (a technician's `queue retry`) with their original id, seq
+    /// and payload, ahead of the pending events and without the cursor: no filter and no TTL
+    /// (a technician asked for them). Delivered, they leave `dead_letters`; refused again, each
+    /// is a dead letter again with the new reason; any other failure holds the sink as usual.
+    /// Returns false when none were left.
+    async fn deliver_requeued(&mut self, st: &mut LoopState) -> Result<bool, Error> {
+        let name = st.name.clone();
+        let limit = if self.requeue_single {
+            1
+        } else {
+            self.batch.limit
+        };
+        let max_b = self
+            .sink
+            .cfg
+            .batch_max_bytes
+            .saturating_sub(self.sink.transport.wrapper_bytes())
+            .max(1);
+        let me = name.clone();
+        let rows = st
+            .blocking(move |c, p| store::control::requeued_batch(c, p, &me, limit, max_b))
+            .await??;
+        if rows.is_empty() {
+            self.requeued = false;
+            self.requeue_single = false;
+            return Ok(false);
+        }
+        let (ids, batch): (Vec<i64>, Vec<outbox::StoredEvent>) = rows.into_iter().unzip();
+        st.row.attempts = st.row.attempts.saturating_add(1);
+        let started = Instant::now();
+        let outcome = self.sink.transport.deliver(&batch).await;
+        let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        st.row.last_duration_ms = Some(duration_ms);
+        let failures = u32::try_from(st.row.consecutive_failures)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        let verdict = classify(
+            &outcome,
+            &self.sink.cfg.policy,
+            failures,
+            fastrand::f64(),
+            std::time::SystemTime::now(),
+        );
+        let now = crate::telemetry::now_ms();
+        if verdict != Verdict::Delivered {
+            self.record_attempt(st, &batch, &outcome, duration_ms, now)
+                .await?;
+        }
+        let cursor = st.row.cursor;
+        match verdict {
+            Verdict::Delivered => {
+                let n = ids.len();
+                st.blocking(move |c, p| store::control::requeued_delivered(c, p, &ids))
+                    .await??;
+                tracing::info!(sink = %name, count = n, "Re-queued dead letters delivered");
+                st.row.delivered = st
+                    .row
+                    .delivered
+                    .saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                st.row.successes = st.row.successes.saturating_add(1);
+                st.row.consecutive_failures = 0;
+                st.row.next_attempt_at = None;
+                st.row.last_success_at = Some(now);
+                st.row.last_error = None;
+                st.row.last_status = None;
+                st.dirty = true;
+                st.flush(false).await?;
+            }
+            Verdict::Retry { .. } | Verdict::Permanent { .. }
+                if batch.len() > 1
+                    && (outcome == delivery::Outcome::Timeout
+                        || matches!(verdict, Verdict::Permanent { .. })) =>
+            {
+                // Too slow or refused as a batch: one by one, so a refusal names one event.
+                self.requeue_single = true;
+            }
+            Verdict::Retry { delay_ms, reason } => {
+                st.hold(failures, delay_ms, reason, now, cursor).await?;
+                self.after_failure(st, failures, None, now).await?;
+            }
+            Verdict::Hold {
+                delay_ms,
+                status,
+                snippet,
+            } => {
+                let reason = format!("http {status}: {snippet} (endpoint problem; events held)");
+                st.hold(failures, delay_ms, reason, now, cursor).await?;
+                self.after_failure(st, failures, Some(status), now).await?;
+            }
+            Verdict::Permanent { status, snippet } => {
+                let (id, ev) = (ids[0], &batch[0]);
+                let reason = if status == 0 { "invalid" } else { "rejected" };
+                tracing::error!(sink = %name, status, event = %ev.id, device = %ev.device, seq = ev.seq, response = %snippet,
+                    "A re-queued dead letter was refused again; it stays a dead letter");
+                let http = (status != 0).then_some(status);
+                st.blocking(move |c, p| {
+                    store::control::requeued_refused(c, p, id, reason, http, Some(&snippet), now)
+                })
+                .await??;
+            }
+        }
+        Ok(true)
     }
 
     /// The ban and disable rules after a failed attempt (`failures` in a row, this one

@@ -13,6 +13,7 @@
 //!
 //! All SQL of the crate lives under `store/`.
 
+pub mod control;
 pub mod outbox;
 pub mod reloads;
 pub mod schema;

@@ -421,7 +421,10 @@ pub struct SinkQueue {
     pub pending: i64,
     /// Age of the oldest pending event, ms (by its observation time).
     pub oldest_pending_age_ms: Option<i64>,
+    /// Dead letters (not counting the re-queued ones).
     pub dead_letters: i64,
+    /// Dead letters re-queued by `queue retry`, waiting to be sent again.
+    pub requeued: i64,
     /// What a technician set for it, if anything.
     pub control: Option<SinkControl>,
     /// Its last failed attempts, newest first (at most three).
@@ -469,11 +472,11 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(&c)?;
-        let dead: i64 = conn
+        let (dead, requeued): (i64, i64) = conn
             .query_row(
-                "SELECT COUNT(*) FROM dead_letters WHERE sink = ?1",
+                "SELECT COALESCE(SUM(requeued_at IS NULL), 0), COALESCE(SUM(requeued_at IS NOT NULL), 0) FROM dead_letters WHERE sink = ?1",
                 [&row.name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(&c)?;
         let control = sink_control(conn, path, &row.name)?;
@@ -485,6 +488,7 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
             pending,
             oldest_pending_age_ms: oldest.map(|o| now.saturating_sub(o).max(0)),
             dead_letters: dead,
+            requeued,
         });
     }
     let (events_stored, last_pos): (i64, i64) = conn

@@ -31,7 +31,7 @@ pub fn daemon(conn: &Connection, db: &Path) -> Result<Option<(u32, i64)>> {
 }
 
 /// One recorded reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Reload {
     pub id: i64,
     pub at: i64,
@@ -72,6 +72,29 @@ pub fn record(
 pub fn last_id(conn: &Connection, db: &Path) -> Result<i64> {
     conn.query_row("SELECT COALESCE(MAX(id), 0) FROM reloads", [], |r| r.get(0))
         .map_err(ctx(db))
+}
+
+/// The newest `limit` reloads, newest first.
+///
+/// # Errors
+/// A store error.
+pub fn list(conn: &Connection, db: &Path, limit: i64) -> Result<Vec<Reload>> {
+    let c = ctx(db);
+    let mut st = conn
+        .prepare("SELECT id, at, pid, ok, outcome FROM reloads ORDER BY id DESC LIMIT ?1")
+        .map_err(&c)?;
+    let rows = st
+        .query_map([limit], |r| {
+            Ok(Reload {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                pid: r.get(2)?,
+                ok: r.get(3)?,
+                outcome: r.get(4)?,
+            })
+        })
+        .map_err(&c)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(&c)
 }
 
 /// The first reload after `id` made by process `pid`, if there is one yet.

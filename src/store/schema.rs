@@ -50,6 +50,19 @@
 //! - `meta.daemon_pid`, `meta.daemon_started_at`: the running daemon's process id and start
 //!   time (ms), written at start, so the CLI can find the process to signal.
 
+//!
+//! Added in v7 (technician control path):
+//! - `control`: every change a technician makes (`queue retry`, `queue purge`, `sinks enable`,
+//!   `sinks disable`, `sinks test`): who, when, what (`action`, `sink`, `args` JSON), and its
+//!   outcome (`state` pending/done/failed, `applied_at`, `applied_by`, `events`, `outcome`).
+//!   Most changes are applied by the CLI itself to tables the daemon only reads, so a row is
+//!   written `done`; a `pending` row is work for the running daemon (a test delivery), which
+//!   records the outcome in it. `hvac-edge audit` lists it.
+//! - `dead_letters.requeued_at`, `requeued_by` (the `control` id): a dead letter re-queued for
+//!   its sink, which sends it (original id, seq and payload) before its pending events and
+//!   deletes the row once delivered; rejected again, `requeued_at` is cleared and the new
+//!   reason recorded.
+
 /// Migrations in order; index + 1 is the `user_version` after it ran.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -163,5 +176,25 @@ CREATE TABLE reloads (
     ok INTEGER NOT NULL,
     outcome TEXT NOT NULL
 );
+"#,
+    // v7: technician control path.
+    r#"
+CREATE TABLE control (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    action TEXT NOT NULL,
+    sink TEXT,
+    args TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL,
+    applied_at INTEGER,
+    applied_by TEXT,
+    events INTEGER,
+    outcome TEXT
+);
+CREATE INDEX control_pending ON control (sink, id) WHERE state = 'pending';
+ALTER TABLE dead_letters ADD COLUMN requeued_at INTEGER;
+ALTER TABLE dead_letters ADD COLUMN requeued_by INTEGER;
+CREATE INDEX dead_letters_requeued ON dead_letters (sink, id) WHERE requeued_at IS NOT NULL;
 "#,
 ];

@@ -1438,7 +1438,7 @@ impl Writer {
         let n = self
             .conn
             .execute(
-                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE id <= ?1 AND requeued_at IS NULL ORDER BY id LIMIT ?2)",
                 params![max_id, over.min(GC_CHUNK)],
             )
             .map_err(&c)? as i64;

@@ -182,7 +182,7 @@ fn sd_notify_says_ready_once_the_database_is_open_then_watchdog_status_reloading
     let got = notifications(&sock, TIMEOUT, |g| g.iter().any(|l| l == "READY=1"));
     // READY=1 only once the database is open and migrated.
     let db = Db::open(&tc.db_path());
-    assert_eq!(db.count("PRAGMA user_version"), 6);
+    assert_eq!(db.count("PRAGMA user_version"), 7);
     assert!(
         got.iter().all(|l| l != "STOPPING=1"),
         "nothing but readiness yet: {got:?}"

@@ -9,6 +9,8 @@ mod harness;
 mod bad_input;
 /// The CLI: check-config, queue stats.
 mod cli;
+/// The technician's control path: queue retry/purge, sinks test, audit.
+mod control;
 /// SIGKILL of the real binary while publishing and delivering; restart on the same database.
 mod crash;
 /// Deployment: the daemon's topology (build before start).
