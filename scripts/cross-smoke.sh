@@ -116,7 +116,7 @@ timeout 120 "${RUN[@]}" demo --quiet --duration-secs 10 --outage-at-secs 3 --out
 demo_rc=$?
 demo_secs=$(( $(date +%s) - t0 ))
 if [ "$demo_rc" -eq 0 ] && grep -q 'result *: OK: nothing lost, nothing out of order' "$TMP/demo.out"; then
-    pass "demo (10 s, outage 3-7 s, ${demo_secs} s wall): $(grep -E 'events committed|events received' "$TMP/demo.out" | sed 's/^ *//; s/  */ /g' | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+    pass "demo (10 s, outage 3-7 s, ${demo_secs} s wall): $(grep -E 'events committed|events received|seq gaps' "$TMP/demo.out" | sed 's/^ *//; s/  */ /g' | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
 else
     fail "demo (exit $demo_rc)" "$TMP/demo.out"
 fi
