@@ -21,15 +21,16 @@ export PATH="$PATH:/usr/sbin"
 
 # Python tools in a local venv: the reference Standard Webhooks verifier (interop test) and
 # pymodbus, the real Modbus RTU slave of the serial tests (3.11.4: its datastore API is the one
-# tests/support/modbus_slave.py uses; 3.16 replaced it).
-if ! .venv/bin/python -c "import standardwebhooks, pymodbus, serial; assert pymodbus.__version__ == '3.11.4'" >/dev/null 2>&1; then
+# tests/support/modbus_slave.py uses; 3.16 replaced it), and prometheus-client, whose text-format
+# parser reads the daemon's /metrics in the metrics test.
+if ! .venv/bin/python -c "import standardwebhooks, pymodbus, serial, prometheus_client; assert pymodbus.__version__ == '3.11.4'" >/dev/null 2>&1; then
     rm -rf .venv
     if ! python3 -m venv .venv; then
         SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
         $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
         rm -rf .venv && python3 -m venv .venv
     fi
-    .venv/bin/pip install -q --disable-pip-version-check "standardwebhooks==1.1.0" "pymodbus[serial]==3.11.4"
+    .venv/bin/pip install -q --disable-pip-version-check "standardwebhooks==1.1.0" "pymodbus[serial]==3.11.4" "prometheus-client==0.21.1"
 fi
 
 cargo fmt --check

@@ -67,6 +67,9 @@ pub struct Config {
     pub diff: DiffConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Local `/metrics` and `/healthz` (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Optional per-device metadata (plant/module ids).
     #[serde(default)]
     pub devices: Vec<DeviceMetaConfig>,
@@ -200,6 +203,30 @@ pub struct LogConfig {
     /// `plain` (default) or `json`.
     #[serde(default)]
     pub format: LogFormat,
+}
+
+/// `[metrics]`: a local HTTP endpoint for Prometheus (`/metrics`) and health checks
+/// (`/healthz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on, e.g. `127.0.0.1:9464`; empty (default) = off.
+    #[serde(default)]
+    pub listen: String,
+    /// A listen address other than loopback needs this (the endpoint has no authentication).
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if the endpoint is on (valid after validation).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        if self.listen.is_empty() {
+            None
+        } else {
+            self.listen.parse().ok()
+        }
+    }
 }
 
 /// Log line format.
@@ -738,6 +765,24 @@ impl Config {
                     self.log.level
                 ),
             );
+        }
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<std::net::SocketAddr>() {
+                Err(_) => p.add(
+                    "metrics.listen",
+                    format!(
+                        "{:?} is not an address and port, e.g. \"127.0.0.1:9464\"",
+                        self.metrics.listen
+                    ),
+                ),
+                Ok(a) if !a.ip().is_loopback() && !self.metrics.allow_remote => p.add(
+                    "metrics.listen",
+                    format!(
+                        "{a} is not a loopback address; the endpoint has no authentication: use 127.0.0.1, or set metrics.allow_remote = true"
+                    ),
+                ),
+                Ok(_) => {}
+            }
         }
         let mut device_ids: HashMap<&str, usize> = HashMap::new();
         for (i, d) in self.devices.iter().enumerate() {

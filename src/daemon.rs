@@ -150,10 +150,29 @@ async fn run_once(
 ) -> anyhow::Result<()> {
     let (pipes, writer_parts) = Pipes::new(cfg);
     let components = build(cfg, &pipes)?;
+    // Bound before the database is opened: a busy port fails the start like a bad secret.
+    let listener = match cfg.metrics.addr() {
+        Some(a) => Some(crate::metrics::bind(a).await?),
+        None => None,
+    };
     let mut writer = start_writer(cfg, writer_parts).await?;
     let (mut supervisor, mut failures) = topology::Supervisor::new();
     let sources = SourceList::default();
     let handles = start(&mut supervisor, components, &pipes.obs, &sources, &writer);
+    if let Some(listener) = listener {
+        let m = crate::metrics::Metrics::new(
+            writer.stats.clone(),
+            cfg.store.path.clone(),
+            store_options(cfg),
+            writer.committed.clone(),
+            sources.clone(),
+            &pipes.latencies,
+        );
+        tracing::info!(listen = %cfg.metrics.listen, "Serving /metrics and /healthz");
+        supervisor.start_task(topology::Role::Sink, "metrics", move |tok| {
+            crate::metrics::serve(m, listener, tok)
+        });
+    }
     record_start(cfg).await;
     announce(cfg, &writer, &handles, ready);
     let fatal = loop {
@@ -184,8 +203,8 @@ async fn run_once(
     .await
 }
 
-/// The sources the status task reports, as a reload changes them.
-type SourceList = Arc<std::sync::Mutex<Vec<(String, &'static str, SharedStats)>>>;
+/// The sources the status task and `/metrics` report, as a reload changes them.
+type SourceList = crate::metrics::SourceList;
 
 fn lock_sources(
     l: &SourceList,
@@ -374,6 +393,7 @@ struct Pipes {
     obs: mpsc::Sender<WriterMsg>,
     committed: watch::Receiver<i64>,
     clock: Arc<ClockSteps>,
+    latencies: crate::metrics::Latencies,
 }
 
 /// What the writer thread is started with.
@@ -394,6 +414,7 @@ impl Pipes {
                 obs: obs_tx,
                 committed: committed_rx,
                 clock: clock.clone(),
+                latencies: crate::metrics::Latencies::default(),
             },
             WriterParts {
                 rx: obs_rx,
@@ -407,19 +428,20 @@ impl Pipes {
 
 /// Builds every source and sink before anything runs: a bad secret or port fails the start.
 fn build(cfg: &Config, pipes: &Pipes) -> anyhow::Result<Vec<topology::Component>> {
-    let (db, opts, committed, clock, clock_source, notes) = (
+    let (db, opts, committed, clock, clock_source, notes, latencies) = (
         cfg.store.path.clone(),
         store_options(cfg),
         pipes.committed.clone(),
         pipes.clock.clone(),
         cfg.gateway.clock,
         pipes.obs.downgrade(),
+        pipes.latencies.clone(),
     );
     topology::build(
         cfg,
         &topology::Wiring {
             obs: pipes.obs.clone(),
-            sink_context: Box::new(move || SinkContext {
+            sink_context: Box::new(move |name: &str| SinkContext {
                 db: db.clone(),
                 opts: opts.clone(),
                 committed: committed.clone(),
@@ -427,6 +449,7 @@ fn build(cfg: &Config, pipes: &Pipes) -> anyhow::Result<Vec<topology::Component>
                 clock_source,
                 // Weak: the writer stops once the sources are gone, whatever the sinks hold.
                 notes: Some(notes.clone()),
+                delivery_latency: Some(latencies.for_sink(name)),
             }),
         },
     )

@@ -26,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod diff;
+pub mod metrics;
 pub mod model;
 pub mod receiver;
 pub mod reload;

@@ -4,7 +4,7 @@
 //! and applies it by component: sources and sinks added, removed or whose section changed are
 //! started, stopped or restarted; the others keep running untouched. The writer takes the new
 //! device metadata, deadbands, limits and timings. The identity (`[gateway]`), the database
-//! (`[store]`), logging (`[log]`) and the channel size (`pipeline.queue_len`) are fixed for the
+//! (`[store]`), logging (`[log]`), the metrics endpoint (`[metrics]`) and the channel size (`pipeline.queue_len`) are fixed for the
 //! life of the process: a reload that changes them is refused as a whole, with the keys, and the
 //! old config keeps running. So is a config that does not validate or whose components cannot
 //! be built (an unreadable secret file, a bad mapping).
@@ -119,6 +119,11 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", new.store),
     );
     check("log", format!("{:?}", old.log), format!("{:?}", new.log));
+    check(
+        "metrics",
+        format!("{:?}", old.metrics),
+        format!("{:?}", new.metrics),
+    );
     check(
         "pipeline.queue_len",
         old.pipeline.queue_len.to_string(),

@@ -229,3 +229,32 @@ mod tests {
         assert_eq!(shown("abc", 3), "abc");
     }
 }
+
+/// Latency buckets (seconds) of the `/metrics` histograms: 0.5 ms to 30 s.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A latency histogram (seconds) shared between the code that measures and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(prometheus_client::metrics::histogram::Histogram::new(
+            LATENCY_BUCKETS,
+        ))
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        self.0.observe(d.as_secs_f64());
+    }
+
+    /// Records one duration given in ms (negative values, from a clock step, count as 0).
+    pub fn observe_ms(&self, ms: i64) {
+        self.0.observe(ms.max(0) as f64 / 1000.0);
+    }
+}

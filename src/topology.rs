@@ -107,8 +107,8 @@ impl Component {
 pub struct Wiring {
     /// The writer's channel (sources send observations on it).
     pub obs: mpsc::Sender<WriterMsg>,
-    /// Each sink's context (database, commit mark, clock, notes).
-    pub sink_context: Box<dyn Fn() -> SinkContext + Send + Sync>,
+    /// Each sink's context (database, commit mark, clock, notes, latency histogram), by name.
+    pub sink_context: Box<dyn Fn(&str) -> SinkContext + Send + Sync>,
 }
 
 /// Builds every source and sink of `cfg`, in config order (sources, then sinks); nothing runs
@@ -216,7 +216,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let d = digest(&s);
         let sink = HttpSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
-        let ctx = (w.sink_context)();
+        let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,
             "http",
@@ -229,7 +229,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let d = digest(&s);
         let sink = WebhookSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
-        let ctx = (w.sink_context)();
+        let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,
             "webhook",
@@ -242,7 +242,7 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let d = digest(&s);
         let sink = MqttSink::new(s, &cfg.gateway.id)
             .with_context(|| format!("cannot start sink {name}"))?;
-        let ctx = (w.sink_context)();
+        let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,
             "mqtt",

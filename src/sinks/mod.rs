@@ -320,6 +320,8 @@ pub struct SinkContext {
     /// Where `operational` notes go (the writer); `None` = not recorded.
     /// (weak: the writer stops once the sources are gone, whatever the sinks hold).
     pub notes: Option<tokio::sync::mpsc::WeakSender<crate::channel::WriterMsg>>,
+    /// Observation-to-acknowledgement latency of this sink's deliveries (`/metrics`).
+    pub delivery_latency: Option<crate::telemetry::LatencyHistogram>,
 }
 
 impl HttpSink {
@@ -1018,6 +1020,11 @@ impl<T: Transport> Runner<T> {
                             None,
                         )
                         .await;
+                    }
+                    if let Some(h) = &self.ctx.delivery_latency {
+                        for e in &batch {
+                            h.observe_ms(now - e.observed_at);
+                        }
                     }
                     st.row.cursor = last;
                     st.row.delivered = st

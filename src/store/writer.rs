@@ -49,6 +49,53 @@ pub struct WriterStats {
     pub housekeeping_runs: AtomicU64,
     /// MQTT connections made without a broker session (receipts of the old one cleared).
     pub sessions_lost: AtomicU64,
+    /// Events committed per `type`.
+    pub events_by_type: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// How long each commit took (diff, write, fsync).
+    pub commit_latency: crate::telemetry::LatencyHistogram,
+    /// The writer thread runs.
+    pub alive: std::sync::atomic::AtomicBool,
+    /// Wall time (ms) of the last housekeeping run: the writer loop is not stuck.
+    pub last_housekeeping_ms: std::sync::atomic::AtomicI64,
+    /// Why the last commit failed, while commits fail (cleared by the next success).
+    pub commit_error: std::sync::Mutex<Option<String>>,
+}
+
+impl WriterStats {
+    fn count_types(&self, kinds: &[(&'static str, u64)]) {
+        let mut m = match self.events_by_type.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        for (k, n) in kinds {
+            *m.entry(k).or_default() += n;
+        }
+    }
+
+    fn set_commit_error(&self, e: Option<String>) {
+        let mut m = match self.commit_error.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        *m = e;
+    }
+
+    /// Why the last commit failed, if commits are failing now.
+    pub fn commit_error(&self) -> Option<String> {
+        match self.commit_error.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// Clears [`WriterStats::alive`] however the writer's loop ends.
+struct AliveGuard(Arc<WriterStats>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Most recent committed MQTT messages remembered per source for duplicate detection.
@@ -398,6 +445,11 @@ impl Writer {
         rt: tokio::runtime::Handle,
     ) -> Result<(), Error> {
         let mut batch: Vec<Envelope> = Vec::with_capacity(self.s.batch_max);
+        self.stats.alive.store(true, Ordering::SeqCst);
+        self.stats
+            .last_housekeeping_ms
+            .store(crate::telemetry::now_ms(), Ordering::Relaxed);
+        let _alive = AliveGuard(self.stats.clone());
         loop {
             let Some(first) = rx.blocking_recv() else {
                 break;
@@ -483,6 +535,9 @@ impl Writer {
                     .housekeeping_max_us
                     .fetch_max(us, Ordering::Relaxed);
                 self.stats.housekeeping_runs.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .last_housekeeping_ms
+                    .store(crate::telemetry::now_ms(), Ordering::Relaxed);
                 if let Err(e) = res {
                     if e.is_corrupt() {
                         return Err(e);
@@ -604,8 +659,13 @@ impl Writer {
         let mut attempt = 0u32;
         let mut logged: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             match self.commit_batch(batch) {
                 Ok(acks) => {
+                    self.stats.commit_latency.observe(started.elapsed());
+                    if attempt > 0 {
+                        self.stats.set_commit_error(None);
+                    }
                     for a in acks {
                         a.run();
                     }
@@ -625,6 +685,7 @@ impl Writer {
                     return Err(e);
                 }
                 Err(e) => {
+                    self.stats.set_commit_error(Some(e.to_string()));
                     if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         logged = Some(Instant::now());
                         let what = if e.is_full() {
@@ -659,6 +720,7 @@ impl Writer {
         let mut new_recent: HashMap<String, Vec<(u16, u64)>> = HashMap::new();
         let mut seen: Vec<(String, UnixMs)> = Vec::new();
         let mut events_added = 0u64;
+        let mut kinds: Vec<(&'static str, u64)> = Vec::new();
         let mut measures: Vec<(String, usize, i64)> = Vec::new();
         let mut new_devices: Vec<(String, String)> = Vec::new();
         let mut dups = 0u64;
@@ -820,6 +882,10 @@ impl Writer {
                         ])
                         .map_err(&c)?;
                     events_added += 1;
+                    match kinds.iter_mut().find(|(k, _)| *k == ch.kind.as_str()) {
+                        Some(slot) => slot.1 += 1,
+                        None => kinds.push((ch.kind.as_str(), 1)),
+                    }
                     if let Some(k) = measure_index(ch.kind.as_str()) {
                         measures.push((obs.device.clone(), k, pos));
                     }
@@ -879,6 +945,7 @@ impl Writer {
         st.observations
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         st.events.fetch_add(events_added, Ordering::Relaxed);
+        st.count_types(&kinds);
         st.stored.fetch_add(events_added, Ordering::Relaxed);
         st.commits.fetch_add(1, Ordering::Relaxed);
         st.duplicates_dropped.fetch_add(dups, Ordering::Relaxed);
@@ -1153,6 +1220,7 @@ impl Writer {
         self.last_pos = pos;
         self.gateway_seq = seq;
         self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_types(&[("operational", 1)]);
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
         self.committed_tx.send_replace(self.last_pos);
         tracing::info!(sink = %n.sink, state = %n.state, seq, "Operational event committed");
@@ -1206,6 +1274,7 @@ impl Writer {
             self.cache.insert(d, r);
         }
         self.stats.events.fetch_add(n, Ordering::Relaxed);
+        self.stats.count_types(&[("snapshot", n)]);
         self.stats.stored.fetch_add(n, Ordering::Relaxed);
         self.committed_tx.send_replace(self.last_pos);
         tracing::debug!(count = n, "Emitted periodic snapshots");

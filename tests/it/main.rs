@@ -22,6 +22,8 @@ mod fanout;
 mod hostile;
 /// Signatures checked by the reference Standard Webhooks library.
 mod interop;
+/// /metrics and /healthz.
+mod metrics;
 /// Receiver down while events are produced, then up.
 mod outage;
 /// Zigbee2MQTT and generic JSON through the whole pipeline to a verifying receiver.
