@@ -71,3 +71,127 @@ pub fn set(db: &Path, name: &str, enabled: bool, note: Option<&str>) -> anyhow::
     }
     Ok(())
 }
+
+/// `hvac-edge sinks [NAME]`: every sink in one line each, or one sink in detail (its row, its
+/// technician switch, its last failed attempts). Counters and indexed lookups only.
+///
+/// # Errors
+/// An unknown sink, or a store error.
+pub fn show(db: &Path, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use super::{esc, esc_or_dash, human_ms};
+    let conn = store::open(db, store::Mode::ReadOnly, &store::Options::default())?;
+    let now = crate::telemetry::now_ms();
+    let figures = outbox::sink_figures(&conn, db, 0)?;
+    let figures: Vec<_> = figures
+        .into_iter()
+        .filter(|f| name.is_none_or(|n| n == f.name))
+        .collect();
+    if let Some(n) = name
+        && figures.is_empty()
+    {
+        anyhow::bail!("no sink {n:?} has run on {}", db.display());
+    }
+    let mut rows = Vec::new();
+    for f in &figures {
+        let row = outbox::sink_row(&conn, db, &f.name)?;
+        let control = outbox::sink_control(&conn, db, &f.name)?;
+        let attempts =
+            outbox::recent_attempts(&conn, db, &f.name, if name.is_some() { 10 } else { 1 })?;
+        rows.push((f, row, control, attempts));
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(f, row, control, attempts)| {
+                serde_json::json!({
+                    "name": f.name, "status": f.status, "pending": f.depth,
+                    "oldest_pending_age_ms": f.oldest_pending_observed_at.map(|t| (now - t).max(0)),
+                    "delivered": f.delivered, "failed_attempts": f.failed, "dead_letters": f.dead,
+                    "row": row, "control": control, "recent_attempts": attempts,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if name.is_none() {
+        println!(
+            "{:<16} {:<8} {:<22} {:>9} {:>10} {:>10} {:>6}  last error",
+            "sink", "kind", "status", "pending", "oldest", "delivered", "dead"
+        );
+    }
+    for (f, row, control, attempts) in &rows {
+        let oldest = f
+            .oldest_pending_observed_at
+            .map_or("-".to_string(), |t| human_ms(now - t));
+        let kind = row.as_ref().map_or("-", |r| r.kind.as_str());
+        let last_error = row.as_ref().and_then(|r| r.last_error.as_deref());
+        if name.is_none() {
+            println!(
+                "{:<16} {:<8} {:<22} {:>9} {:>10} {:>10} {:>6}  {}",
+                esc(&f.name),
+                kind,
+                f.status,
+                f.depth,
+                oldest,
+                f.delivered,
+                f.dead,
+                esc_or_dash(last_error)
+            );
+            continue;
+        }
+        println!("sink {} ({kind}): {}", esc(&f.name), f.status);
+        println!("  pending      {} (oldest {oldest})", f.depth);
+        println!(
+            "  delivered    {} events; failed attempts {}",
+            f.delivered, f.failed
+        );
+        println!("  dead letters {}", f.dead);
+        if let Some(r) = row {
+            println!("  cursor       {}", r.cursor);
+            println!(
+                "  last success {}",
+                r.last_success_at.map_or("never".to_string(), |t| format!(
+                    "{} ago",
+                    human_ms(now - t)
+                ))
+            );
+            if let Some(t) = r.next_attempt_at.filter(|t| *t > now) {
+                println!("  next try     in {}", human_ms(t - now));
+            }
+            if let Some(t) = r.banned_until.filter(|t| *t > now) {
+                println!("  banned       for {} more", human_ms(t - now));
+            }
+            println!("  last error   {}", esc_or_dash(r.last_error.as_deref()));
+        }
+        if let Some(c) = control {
+            println!(
+                "  switch       {} by {} {} ago{}",
+                if c.enabled { "enabled" } else { "disabled" },
+                esc_or_dash(c.updated_by.as_deref()),
+                human_ms(now - c.updated_at),
+                c.note
+                    .as_deref()
+                    .map_or(String::new(), |n| format!(": {}", esc(n)))
+            );
+        }
+        if !attempts.is_empty() {
+            println!("  last failed attempts:");
+            for a in attempts {
+                println!(
+                    "    {} ago  {}  {} ms  {} event(s)  {}",
+                    human_ms(now - a.at),
+                    if a.status > 0 {
+                        format!("http {}", a.status)
+                    } else {
+                        format!("no answer ({})", a.error_kind)
+                    },
+                    a.duration_ms,
+                    a.events,
+                    esc_or_dash(a.snippet.as_deref())
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -312,6 +312,25 @@ async fn sinks_test_sends_one_signed_test_event_through_the_daemon_or_by_itself(
             )
         })
         .collect();
+    // `sinks` shows it, with the refused test among its last failed attempts? No: a test is
+    // outside the queue, so it is only in the audit; the sink's own figures are its deliveries.
+    let list = json(&cli(&config, &["sinks", "--json"]));
+    assert_eq!(list[0]["name"], "portal");
+    assert_eq!(list[0]["delivered"], 1, "the simulator's one event: {list}");
+    assert_eq!(list[0]["pending"], 0);
+    let detail = cli(&config, &["sinks", "portal"]);
+    let text = String::from_utf8_lossy(&detail.stdout);
+    assert!(
+        text.starts_with("sink portal (webhook): ACTIVE\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  delivered    1 events; failed attempts 0\n"),
+        "{text}"
+    );
+    let unknown = cli(&config, &["sinks", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sink \"nope\" has run on"));
     // The first test ran before any database existed: nothing to record it in.
     assert_eq!(states.len(), 1, "{states:?}");
     assert_eq!(states[0].0, "failed");
