@@ -25,6 +25,47 @@ fn main() {
                 QueueCommand::Stats { db, json } => {
                     db.path().and_then(|p| cli::queue::stats(&p, json))
                 }
+                QueueCommand::List {
+                    db,
+                    filter,
+                    limit,
+                    json,
+                } => std::process::exit(cli::queue::list_cmd(&db, &filter, limit, json)),
+                QueueCommand::Show { id, db, json } => {
+                    std::process::exit(cli::queue::show_cmd(&db, &id, json))
+                }
+                QueueCommand::Tail {
+                    db,
+                    filter,
+                    lines,
+                    follow,
+                    max,
+                    timeout_secs,
+                    json,
+                } => std::process::exit(cli::queue::tail_cmd(
+                    &db,
+                    &filter,
+                    cli::queue::Tail {
+                        lines,
+                        follow,
+                        max,
+                        timeout: timeout_secs.map(std::time::Duration::from_secs),
+                        json,
+                    },
+                )),
+                QueueCommand::Export {
+                    db,
+                    filter,
+                    format,
+                    out,
+                    limit,
+                } => std::process::exit(cli::queue::export_cmd(
+                    &db,
+                    &filter,
+                    format,
+                    out.as_deref(),
+                    limit,
+                )),
                 QueueCommand::DeadLetters {
                     db,
                     sink,
@@ -117,6 +158,14 @@ fn main() {
             };
             report(res)
         }
+        Command::Status { db, json } => cli::status::cmd(&db, json),
+        Command::Devices {
+            device,
+            db,
+            window,
+            until,
+            json,
+        } => cli::devices::cmd(&db, device.as_deref(), &window, until.as_deref(), json),
         Command::Sources { db, json } => {
             report(db.path().and_then(|p| cli::sources::run(&p, json)))
         }

@@ -5,10 +5,13 @@
 
 pub mod check_config;
 pub mod control;
+pub mod devices;
 pub mod queue;
 pub mod reload;
+pub mod render;
 pub mod sinks;
 pub mod sources;
+pub mod status;
 pub mod support_bundle;
 
 use clap::{Parser, Subcommand};
@@ -87,6 +90,41 @@ pub enum Command {
     Sources {
         #[command(flatten)]
         db: DbArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One screen: daemon, version, uptime, sources, devices online/offline, per sink the
+    /// queue, failures and dead letters, database and disk, clock, the last three errors.
+    ///
+    /// Read-only and cheap (counters and indexes only), safe while the daemon runs. Exit 0 when
+    /// nothing needs attention, 1 when something does (each problem with what to run next).
+    ///
+    /// Example: `hvac-edge status` (or `hvac-edge status --json | jq .problems`)
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Machine-readable output (exact values: ms, bytes).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every device's last known state (link, mode, setpoint, temperature, humidity, load),
+    /// last seen, source and counters; with DEVICE, that device with its last 20 events and a
+    /// sparkline of its temperature and setpoint over the last 24 h on one scale (a room that
+    /// never reaches its setpoint shows as a lower temperature row).
+    ///
+    /// Example: `hvac-edge devices living-room-trv` (or `--json` for the numbers per column)
+    Devices {
+        /// One device in detail.
+        device: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+        /// The sparkline's window (`24h`, `2h`, `7d`).
+        #[arg(long, default_value = "24h")]
+        window: String,
+        /// The window ends here (RFC 3339 or an age: `2h` = two hours ago). Default: now.
+        #[arg(long)]
+        until: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -231,6 +269,83 @@ pub enum QueueCommand {
         dry_run: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Stored events, newest first, filtered by sink and status, device, type and time.
+    ///
+    /// Example: `hvac-edge queue list --sink portal --status pending --since 2h --limit 20`
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        filter: queue::EventFilter,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event's full JSON (by event id or pos) and its delivery status for every sink
+    /// (delivered, pending, or dead with the reason and the receiver's answer).
+    ///
+    /// Example: `hvac-edge queue show 01927f3a-5c1e-7d40-9b8e-2f6a1c0d4e55`
+    Show {
+        /// Event id (UUID) or pos.
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest events, oldest of them first; with `-f`, then every new one as it is
+    /// committed (polled every 250 ms) until Ctrl-C.
+    ///
+    /// Example: `hvac-edge queue tail -f --device living-room-trv`
+    Tail {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        filter: queue::EventFilter,
+        /// How many of the newest to print first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: i64,
+        /// Follow new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Stop following after this many new events.
+        #[arg(long)]
+        max: Option<u64>,
+        /// Stop following after this many seconds.
+        #[arg(long)]
+        timeout_secs: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the selected events, oldest first, for support: JSON lines (each the envelope as
+    /// stored and sent) or CSV; a progress bar on stderr when it is a terminal; the count and
+    /// rate at the end (stderr). The file is created 0600.
+    ///
+    /// CSV columns: pos, id, observed_at (RFC 3339), device, seq, type, clock, previous,
+    /// current (JSON text), then the state after the event: function, mode, program,
+    /// setpoint, setpoint_unit, temperature, temperature_unit, humidity (%), load_state,
+    /// connectivity; with `--status dead` also sink, reason, http_status, dead_at. Texts from
+    /// devices that a spreadsheet would run as a formula start with `'`.
+    ///
+    /// Example: `hvac-edge queue export --format csv --since 24h --device living-room-trv --out /tmp/trv.csv`
+    Export {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        filter: queue::EventFilter,
+        /// `jsonl` or `csv`.
+        #[arg(long, value_enum)]
+        format: queue::Format,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// At most this many events.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Per sink: pending events, oldest pending age, dead letters, next attempt; database size.
     Stats {

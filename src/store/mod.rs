@@ -17,6 +17,7 @@ pub mod control;
 pub mod outbox;
 pub mod reloads;
 pub mod schema;
+pub mod views;
 pub mod writer;
 
 #[cfg(test)]
