@@ -9,6 +9,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::CheckConfig { config } => cli::check_config::run(&config),
+        Command::Doctor {
+            config,
+            service_user,
+            json,
+        } => cli::doctor::run(&config, service_user.as_deref(), json),
         Command::Reload {
             config,
             pid,

@@ -6,6 +6,7 @@
 pub mod check_config;
 pub mod control;
 pub mod devices;
+pub mod doctor;
 pub mod queue;
 pub mod reload;
 pub mod render;
@@ -85,6 +86,27 @@ pub enum Command {
     CheckConfig {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Check everything the site needs and say what to fix: each check `ok`, `warn` or `fail`,
+    /// what it found, and for warn and fail the fix in one line.
+    ///
+    /// The config; the database (read-only `quick_check`, size, WAL, who may write it); free
+    /// disk; serial ports (present, a character device, owning group, whether the service user
+    /// may open them); each MQTT broker (TCP, TLS, a CONNECT as `<client id>-doctor`, never the
+    /// daemon's own session); each sink (DNS, TCP, TLS, an HTTP HEAD: no event is sent); the
+    /// clock; the service user and whether the daemon runs. Works while the daemon runs; every
+    /// check takes at most 3 s. Exit 0 nothing failed, 1 a check failed, 78 the config is invalid.
+    ///
+    /// Example: `sudo -u hvac-edge hvac-edge doctor` (or `sudo hvac-edge doctor --json`)
+    Doctor {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The user the service runs as (default: `User=` of the installed unit, else hvac-edge).
+        #[arg(long)]
+        service_user: Option<String>,
+        /// Machine-readable output: `{"checks":[{"name","status","detail","fix"}],"fails":N,"warns":N}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Each source's link, last valid data and error counters (serial ports, Modbus units).
     Sources {
