@@ -15,6 +15,8 @@ mod control;
 mod crash;
 /// Deployment: the daemon's topology (build before start).
 mod deploy;
+/// `hvac-edge doctor`: healthy and broken sites, exact statuses and fixes per check.
+mod doctor;
 /// Fan-out: webhook, HTTP and MQTT sinks at once; the webhook delivery rules (750 ms, bans,
 /// disable, drop_during_ban, expiry, 410), filters, templates and the Smarther C2C body.
 mod fanout;
