@@ -139,7 +139,18 @@ fn main() {
                 );
             }),
         ),
-        Command::Sinks { command } => {
+        Command::Sinks {
+            name,
+            db,
+            json,
+            command,
+        } => {
+            let Some(command) = command else {
+                std::process::exit(report(
+                    db.path()
+                        .and_then(|p| cli::sinks::show(&p, name.as_deref(), json)),
+                ));
+            };
             let res = match command {
                 SinksCommand::Enable { name, note, db } => db
                     .path()

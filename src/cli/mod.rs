@@ -179,10 +179,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Switch a sink off (its events are held) or on again (also after DISABLED_DUE_TO_ERRORS).
+    /// Show the sinks, switch one off (its events are held) or on again (also after
+    /// DISABLED_DUE_TO_ERRORS), or send it a test event.
+    ///
+    /// Without a subcommand: every sink in one line (status, pending, oldest, delivered, dead
+    /// letters, last error), or one sink in detail with its last failed attempts.
+    ///
+    /// Example: `hvac-edge sinks installer-portal`
+    #[command(args_conflicts_with_subcommands = true)]
     Sinks {
+        /// One sink in detail.
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
         #[command(subcommand)]
-        command: SinksCommand,
+        command: Option<SinksCommand>,
     },
 }
 
