@@ -682,7 +682,49 @@ fn csv_field(s: &str, from_outside: bool) -> String {
     }
 }
 
-/// One CSV line (without newline) of a stored event.
+/// What a CSV line needs of a stored envelope (borrowed: export reads a million of them).
+#[derive(serde::Deserialize)]
+struct CsvEvent<'a> {
+    #[serde(borrow, default)]
+    clock: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    previous: serde_json::Value,
+    #[serde(default)]
+    current: serde_json::Value,
+    #[serde(borrow, default)]
+    state: Option<CsvState<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct CsvState<'a> {
+    #[serde(borrow, default)]
+    function: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    mode: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    program: Option<u64>,
+    #[serde(borrow, default)]
+    setpoint: Option<CsvValue<'a>>,
+    #[serde(borrow, default)]
+    temperature: Option<CsvValue<'a>>,
+    #[serde(borrow, default)]
+    humidity: Option<CsvValue<'a>>,
+    #[serde(borrow, default)]
+    load_state: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    connectivity: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct CsvValue<'a> {
+    #[serde(borrow)]
+    value: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    unit: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One CSV line (without newline) of a stored event; a payload that is not an envelope leaves
+/// the envelope's columns empty.
 fn csv_line(
     pos: i64,
     id: &str,
@@ -692,21 +734,16 @@ fn csv_line(
     observed_at: i64,
     payload: &str,
 ) -> String {
-    use serde_json::Value;
-    let v: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
-    let state = v.get("state");
-    let st = |k: &str| state.and_then(|s| s.get(k));
-    let plain = |x: Option<&Value>| match x {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
+    let e: Option<CsvEvent<'_>> = serde_json::from_str(payload).ok();
+    let cow = |c: &Option<std::borrow::Cow<'_, str>>| c.as_deref().unwrap_or("").to_string();
+    let json = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     };
-    let num = |x: Option<&Value>, k: &str| plain(x.and_then(|o| o.get(k)));
-    let compact = |x: Option<&Value>| match x {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(o) => o.to_string(),
-    };
+    let st = e.as_ref().and_then(|e| e.state.as_ref());
+    let val = |v: Option<&CsvValue<'_>>| v.map_or(String::new(), |v| v.value.to_string());
+    let unit = |v: Option<&CsvValue<'_>>| v.map_or(String::new(), |v| cow(&v.unit));
     let fields: [(String, bool); 19] = [
         (pos.to_string(), false),
         (id.to_string(), true),
@@ -714,25 +751,35 @@ fn csv_line(
         (device.to_string(), true),
         (seq.to_string(), false),
         (kind.to_string(), true),
-        (plain(v.get("clock")), false),
-        (compact(v.get("previous")), true),
-        (compact(v.get("current")), true),
-        (plain(st("function")), false),
-        (plain(st("mode")), false),
-        (plain(st("program")), false),
-        (num(st("setpoint"), "value"), false),
-        (num(st("setpoint"), "unit"), false),
-        (num(st("temperature"), "value"), false),
-        (num(st("temperature"), "unit"), true),
-        (num(st("humidity"), "value"), false),
-        (plain(st("load_state")), false),
-        (plain(st("connectivity")), false),
+        (e.as_ref().map_or(String::new(), |e| cow(&e.clock)), false),
+        (
+            e.as_ref().map_or(String::new(), |e| json(&e.previous)),
+            true,
+        ),
+        (e.as_ref().map_or(String::new(), |e| json(&e.current)), true),
+        (st.map_or(String::new(), |s| cow(&s.function)), false),
+        (st.map_or(String::new(), |s| cow(&s.mode)), false),
+        (
+            st.and_then(|s| s.program)
+                .map_or(String::new(), |p| p.to_string()),
+            false,
+        ),
+        (val(st.and_then(|s| s.setpoint.as_ref())), false),
+        (unit(st.and_then(|s| s.setpoint.as_ref())), false),
+        (val(st.and_then(|s| s.temperature.as_ref())), false),
+        (unit(st.and_then(|s| s.temperature.as_ref())), true),
+        (val(st.and_then(|s| s.humidity.as_ref())), false),
+        (st.map_or(String::new(), |s| cow(&s.load_state)), false),
+        (st.map_or(String::new(), |s| cow(&s.connectivity)), false),
     ];
-    fields
-        .iter()
-        .map(|(s, outside)| csv_field(s, *outside))
-        .collect::<Vec<_>>()
-        .join(",")
+    let mut line = String::with_capacity(256);
+    for (i, (s, outside)) in fields.iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        line.push_str(&csv_field(s, *outside));
+    }
+    line
 }
 
 /// Rows read per query by `queue export`.

@@ -33,6 +33,8 @@ mod pipeline;
 /// Live reload: SIGHUP and `hvac-edge reload` on the real binary.
 mod reload;
 mod serial;
+/// The technician's read-only commands (status, devices, queue list/show/tail/export) on a real daemon's database; screens under tmux.
+mod technician;
 /// Endpoint errors, bisection, timeouts, clock steps, store errors, corrupt files.
 mod trust;
 /// The MQTT upstream sink: broker restarts, retained status and last will, client certificates.
