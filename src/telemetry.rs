@@ -21,24 +21,35 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides `level`. No ANSI colours unless
-/// stderr is a terminal; no timestamps under journald (`JOURNAL_STREAM` set), which adds its own.
+/// Installs the global tracing subscriber. `RUST_LOG` (`target=level` directives and a bare
+/// default level, e.g. `info,hvac_edge::sinks=debug`) overrides `level`; an unreadable
+/// `RUST_LOG` is ignored. No ANSI colours unless stderr is a terminal; no timestamps under
+/// journald (`JOURNAL_STREAM` set), which adds its own.
 pub fn init(level: &str, format: LogFormat) {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("{level},rumqttc=warn,hyper=warn,reqwest=warn"))
-    });
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let default = format!("{level},rumqttc=warn,hyper=warn,reqwest=warn");
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| default.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let ansi = std::io::stderr().is_terminal();
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let res = match (format, journald) {
-        (LogFormat::Json, _) => builder.json().try_init(),
-        (LogFormat::Plain, true) => builder.without_time().try_init(),
-        (LogFormat::Plain, false) => builder.try_init(),
+        (LogFormat::Json, _) => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .try_init(),
+        (LogFormat::Plain, true) => tracing_subscriber::registry()
+            .with(layer.without_time().with_filter(filter))
+            .try_init(),
+        (LogFormat::Plain, false) => tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .try_init(),
     };
     // A second init (tests, demo inside a test) keeps the first subscriber.
     let _ = res;
