@@ -257,7 +257,7 @@ pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
         indicatif::ProgressDrawTarget::stderr_with_hz(4),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} {wide_bar} {percent:>3}%  {per_sec:>12}  eta {eta}",
+        "{msg} {wide_bar} {percent:>3}%  {human_pos}/{human_len} positions  eta {eta}",
     ) {
         bar.set_style(style);
     }
