@@ -215,7 +215,8 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let name = s.name.clone();
         let d = digest(&s);
         let sink = HttpSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
+            .with_context(|| format!("cannot start sink {name}"))?
+            .erase();
         let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,
@@ -228,7 +229,8 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let name = s.name.clone();
         let d = digest(&s);
         let sink = WebhookSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
+            .with_context(|| format!("cannot start sink {name}"))?
+            .erase();
         let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,
@@ -241,7 +243,8 @@ pub fn build(cfg: &Config, w: &Wiring) -> anyhow::Result<Vec<Component>> {
         let name = s.name.clone();
         let d = digest(&s);
         let sink = MqttSink::new(s, &cfg.gateway.id)
-            .with_context(|| format!("cannot start sink {name}"))?;
+            .with_context(|| format!("cannot start sink {name}"))?
+            .erase();
         let ctx = (w.sink_context)(&name);
         out.push(Component::sink(
             name,

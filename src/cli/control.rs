@@ -421,15 +421,22 @@ async fn test_here(
     use crate::sinks::{HttpSink, MqttSink, WebhookSink};
     let gw = &cfg.gateway.id;
     if let Some(s) = cfg.sinks.http.iter().find(|s| s.name == name) {
-        return Ok(HttpSink::new(s.clone(), gw)?.test_alone(by, 0, clock).await);
+        return Ok(HttpSink::new(s.clone(), gw)?
+            .erase()
+            .test_alone(by, 0, clock)
+            .await);
     }
     if let Some(s) = cfg.sinks.webhook.iter().find(|s| s.name == name) {
         return Ok(WebhookSink::new(s.clone(), gw)?
+            .erase()
             .test_alone(by, 0, clock)
             .await);
     }
     if let Some(s) = cfg.sinks.mqtt.iter().find(|s| s.name == name) {
-        return Ok(MqttSink::new(s.clone(), gw)?.test_alone(by, 0, clock).await);
+        return Ok(MqttSink::new(s.clone(), gw)?
+            .erase()
+            .test_alone(by, 0, clock)
+            .await);
     }
     anyhow::bail!("no sink {name:?}")
 }

@@ -170,6 +170,94 @@ impl Transport for mqtt::MqttTransport {
     }
 }
 
+/// Any configured kind behind one type: the daemon runs every sink as a `Sink<AnyTransport>`,
+/// so the runner's loop is compiled once rather than once per kind (about 100 KiB of an ARM
+/// binary); a match per request costs nothing next to a request.
+#[allow(clippy::large_enum_variant)] // One per configured sink, for the life of the process.
+pub enum AnyTransport {
+    Http(http::HttpTransport),
+    Webhook(webhook::WebhookTransport),
+    Mqtt(mqtt::MqttTransport),
+}
+
+impl From<http::HttpTransport> for AnyTransport {
+    fn from(t: http::HttpTransport) -> Self {
+        AnyTransport::Http(t)
+    }
+}
+
+impl From<webhook::WebhookTransport> for AnyTransport {
+    fn from(t: webhook::WebhookTransport) -> Self {
+        AnyTransport::Webhook(t)
+    }
+}
+
+impl From<mqtt::MqttTransport> for AnyTransport {
+    fn from(t: mqtt::MqttTransport) -> Self {
+        AnyTransport::Mqtt(t)
+    }
+}
+
+impl Transport for AnyTransport {
+    fn wrapper_bytes(&self) -> usize {
+        match self {
+            AnyTransport::Http(t) => Transport::wrapper_bytes(t),
+            AnyTransport::Webhook(t) => Transport::wrapper_bytes(t),
+            AnyTransport::Mqtt(t) => Transport::wrapper_bytes(t),
+        }
+    }
+
+    async fn deliver(&self, events: &[outbox::StoredEvent]) -> delivery::Outcome {
+        match self {
+            AnyTransport::Http(t) => Transport::deliver(t, events).await,
+            AnyTransport::Webhook(t) => Transport::deliver(t, events).await,
+            AnyTransport::Mqtt(t) => Transport::deliver(t, events).await,
+        }
+    }
+
+    fn accepts(&self, e: &outbox::StoredEvent) -> bool {
+        match self {
+            AnyTransport::Http(t) => Transport::accepts(t, e),
+            AnyTransport::Webhook(t) => Transport::accepts(t, e),
+            AnyTransport::Mqtt(t) => Transport::accepts(t, e),
+        }
+    }
+
+    fn filters(&self) -> bool {
+        match self {
+            AnyTransport::Http(t) => Transport::filters(t),
+            AnyTransport::Webhook(t) => Transport::filters(t),
+            AnyTransport::Mqtt(t) => Transport::filters(t),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            AnyTransport::Http(t) => Transport::close(t).await,
+            AnyTransport::Webhook(t) => Transport::close(t).await,
+            AnyTransport::Mqtt(t) => Transport::close(t).await,
+        }
+    }
+
+    async fn ready(&self) {
+        match self {
+            AnyTransport::Http(t) => Transport::ready(t).await,
+            AnyTransport::Webhook(t) => Transport::ready(t).await,
+            AnyTransport::Mqtt(t) => Transport::ready(t).await,
+        }
+    }
+
+    fn take_background(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        match self {
+            AnyTransport::Http(t) => Transport::take_background(t),
+            AnyTransport::Webhook(t) => Transport::take_background(t),
+            AnyTransport::Mqtt(t) => Transport::take_background(t),
+        }
+    }
+}
+
 /// What the runner needs to know of a sink's configuration, whatever its kind.
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
@@ -304,6 +392,8 @@ pub type HttpSink = Sink<http::HttpTransport>;
 pub type WebhookSink = Sink<webhook::WebhookTransport>;
 /// The MQTT upstream.
 pub type MqttSink = Sink<mqtt::MqttTransport>;
+/// A sink of any kind, as the daemon runs it.
+pub type AnySink = Sink<AnyTransport>;
 
 /// What the delivery loop needs besides the sink itself.
 pub struct SinkContext {
@@ -447,6 +537,17 @@ impl<T: Transport> Sink<T> {
     /// A sink of any kind: its runner settings and its transport.
     pub fn with_transport(cfg: RunnerSettings, transport: T) -> Sink<T> {
         Sink { cfg, transport }
+    }
+
+    /// The same sink as an [`AnySink`].
+    pub fn erase(self) -> AnySink
+    where
+        T: Into<AnyTransport>,
+    {
+        Sink {
+            cfg: self.cfg,
+            transport: self.transport.into(),
+        }
     }
 
     /// One test delivery through this sink's transport (signed like any delivery).
