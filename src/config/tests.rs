@@ -1976,8 +1976,8 @@ fn unknown_key_in_sinks_http_is_rejected() {
 #[test]
 fn source_and_sink_kinds_of_later_releases_are_rejected() {
     assert_unknown_key(
-        &format!("{GATEWAY}[metrics]\nlisten = \"127.0.0.1:9464\"\n"),
-        "metrics",
+        &format!("{GATEWAY}[commands]\nenabled = true\n"),
+        "commands",
         3,
     );
 }
