@@ -420,7 +420,8 @@ pub fn devices(conn: &Connection, path: &Path, replay_rows: usize) -> Result<Vec
         let Ok(device) = r.get::<_, String>(0) else {
             continue;
         };
-        if !seen.insert(device.clone()) {
+        // The gateway's own notes (a sink banned or recovered) are not a device's.
+        if device == crate::channel::GATEWAY_DEVICE || !seen.insert(device.clone()) {
             continue;
         }
         let seq: i64 = r.get(1).unwrap_or(0);
@@ -451,7 +452,6 @@ pub fn devices(conn: &Connection, path: &Path, replay_rows: usize) -> Result<Vec
         }
     }
     drop(rows);
-    // The gateway's own notes (banned, recovered) are events of a reserved device id: no row.
     let mut dl = conn
         .prepare("SELECT device, COUNT(*) FROM dead_letters GROUP BY device")
         .map_err(&c)?;
@@ -955,6 +955,8 @@ mod tests {
             "INSERT INTO devices (device, state, seq, last_snapshot_at, changed_since_snapshot, last_seen)
                VALUES ('a', '{{}}', 2, 0, 0, {t0}), ('b', 'not json', 2, 0, 0, {t0}), ('quiet', '{{\"function\":null,\"mode\":null,\"setpoint\":null,\"program\":null,\"activation_time\":null,\"load_state\":null,\"temperature\":null,\"humidity\":null,\"connectivity\":null}}', 7, 0, 0, 5);
              INSERT INTO meta (key, value) VALUES ('checkpoint_pos', 4);
+             INSERT INTO events (pos, id, device, seq, type, observed_at, payload)
+               VALUES (11, 'op', '@gateway', 1, 'operational', {t0}, '{{}}');
              INSERT INTO dead_letters (sink, event_pos, event_id, device, seq, type, payload, reason, at)
                VALUES ('up', 3, 'id-3', 'a', 2, 'temperature', '{{}}', 'rejected', 1);"
         ))
