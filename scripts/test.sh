@@ -10,6 +10,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v socat >/dev/null 2>&1 || need+=(socat)
 # systemd-analyze verify/security on the unit file (tests/it/deploy.rs); no running systemd needed.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# A real terminal for the sparkline and table screens (tests/it/technician.rs).
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
