@@ -412,6 +412,9 @@ pub fn dead_letter(
     Ok(())
 }
 
+/// Time `queue stats` may spend counting events after holes left by the size cap.
+const COUNT_BUDGET: std::time::Duration = std::time::Duration::from_millis(80);
+
 /// Per-sink queue figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct SinkQueue {
@@ -419,6 +422,9 @@ pub struct SinkQueue {
     pub row: SinkRow,
     /// Events after the cursor.
     pub pending: i64,
+    /// False when the size cap left holes and counting them ran out of time (`pending` is then
+    /// an upper bound).
+    pub pending_exact: bool,
     /// Age of the oldest pending event, ms (by its observation time).
     pub oldest_pending_age_ms: Option<i64>,
     /// Dead letters (not counting the re-queued ones).
@@ -463,14 +469,20 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
         .map_err(&c)?
         .collect::<Result<_, _>>()
         .map_err(&c)?;
+    // Counts by position arithmetic (exact unless the size cap left holes; then counted within
+    // a budget, `pending_exact` false beyond it): never a scan of a million pending events.
+    let mut lowers: Vec<i64> = rows.iter().map(|r| r.cursor).collect();
+    lowers.push(i64::MIN);
+    let counts = super::views::count_after(conn, path, &lowers, COUNT_BUDGET)?;
     let mut sinks = Vec::new();
-    for row in rows {
-        let (pending, oldest): (i64, Option<i64>) = conn
+    for (row, count) in rows.into_iter().zip(counts.iter()) {
+        let oldest: Option<i64> = conn
             .query_row(
-                "SELECT COUNT(*), MIN(observed_at) FROM events WHERE pos > ?1",
+                "SELECT observed_at FROM events WHERE pos > ?1 ORDER BY pos LIMIT 1",
                 [row.cursor],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
+            .optional()
             .map_err(&c)?;
         let (dead, requeued): (i64, i64) = conn
             .query_row(
@@ -485,18 +497,16 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
             control,
             recent_attempts,
             row,
-            pending,
+            pending: count.n,
+            pending_exact: count.exact,
             oldest_pending_age_ms: oldest.map(|o| now.saturating_sub(o).max(0)),
             dead_letters: dead,
             requeued,
         });
     }
-    let (events_stored, last_pos): (i64, i64) = conn
-        .query_row(
-            "SELECT COUNT(*), COALESCE(MAX(pos), 0) FROM events",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+    let events_stored = counts.last().map_or(0, |c| c.n);
+    let last_pos: i64 = conn
+        .query_row("SELECT COALESCE(MAX(pos), 0) FROM events", [], |r| r.get(0))
         .map_err(&c)?;
     let devices: i64 = conn
         .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
