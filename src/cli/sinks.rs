@@ -179,8 +179,8 @@ pub fn show(db: &Path, name: Option<&str>, json: bool) -> anyhow::Result<()> {
             println!("  last failed attempts:");
             for a in attempts {
                 println!(
-                    "    {} ago  {}  {} ms  {} event(s)  {}",
-                    human_ms(now - a.at),
+                    "    {:>8}  {}  {} ms  {} event(s)  {}",
+                    format!("{} ago", human_ms(now - a.at)),
                     if a.status > 0 {
                         format!("http {}", a.status)
                     } else {

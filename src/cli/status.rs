@@ -327,7 +327,7 @@ fn problems(v: &StatusView) -> Vec<String> {
                 s.status
             )),
             _ if s.consecutive_failures > 0 => p.push(format!(
-                "sink {name} is failing ({} in a row): `hvac-edge queue stats` shows its last attempts",
+                "sink {name} is failing ({} in a row): `hvac-edge sinks {name}` shows its last attempts and their answers",
                 s.consecutive_failures
             )),
             _ => {}

@@ -400,7 +400,13 @@ impl WebhookTransport {
                 _ => None,
             };
             let outcome = self
-                .send(url.clone(), &msg_id, body.clone(), bearer.as_deref())
+                .send(
+                    url.clone(),
+                    &msg_id,
+                    body.clone(),
+                    bearer.as_deref(),
+                    super::http::is_test(events),
+                )
                 .await;
             match (&self.auth, &outcome, bearer) {
                 (Auth::OAuth2(ts), Outcome::Status { code: 401, .. }, Some(t)) if !refreshed => {
@@ -419,6 +425,7 @@ impl WebhookTransport {
         msg_id: &str,
         body: Vec<u8>,
         bearer: Option<&str>,
+        test: bool,
     ) -> Outcome {
         let mut req = self
             .client
@@ -455,7 +462,7 @@ impl WebhookTransport {
         // A receiver may echo what it got: never store the sink's credentials.
         let mut known: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         known.extend(bearer);
-        super::http::outcome_of(req.body(body).send().await, SNIPPET_BYTES, |t| {
+        super::http::outcome_of(req.body(body).send().await, SNIPPET_BYTES, test, |t| {
             redact(t, &known)
         })
         .await
