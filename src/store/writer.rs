@@ -475,6 +475,7 @@ impl Writer {
                 }
             }
             let mut notes: Vec<crate::channel::OperationalNote> = Vec::new();
+            let mut reconf: Option<Box<Reconfigure>> = None;
             let deadline = Instant::now() + self.s.commit_delay;
             while batch.len() < self.s.batch_max {
                 match rx.try_recv() {
@@ -487,7 +488,12 @@ impl Writer {
                         break;
                     }
                     Ok(WriterMsg::Operational(n)) => notes.push(n),
-                    Ok(WriterMsg::Reconfigure(r)) => self.reconfigure(*r),
+                    Ok(WriterMsg::Reconfigure(r)) => {
+                        // Commit what came before it under the old settings first (a removed
+                        // source's last observations must not re-own what it releases).
+                        reconf = Some(r);
+                        break;
+                    }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let now = Instant::now();
@@ -505,7 +511,10 @@ impl Writer {
                                 break;
                             }
                             Ok(Some(WriterMsg::Operational(n))) => notes.push(n),
-                            Ok(Some(WriterMsg::Reconfigure(r))) => self.reconfigure(*r),
+                            Ok(Some(WriterMsg::Reconfigure(r))) => {
+                                reconf = Some(r);
+                                break;
+                            }
                             Ok(None) | Err(_) => break,
                         }
                     }
@@ -516,6 +525,9 @@ impl Writer {
             }
             for src in lost.drain(..) {
                 self.session_lost(&src);
+            }
+            if let Some(r) = reconf.take() {
+                self.reconfigure(*r);
             }
             for n in notes.drain(..) {
                 self.queue_note(&n)?;
@@ -1472,7 +1484,7 @@ impl Writer {
         let (count, max_id): (i64, i64) = self
             .conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM dead_letters",
+                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM dead_letters WHERE requeued_at IS NULL",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )

@@ -1269,3 +1269,45 @@ fn a_reload_hands_devices_of_a_removed_source_and_newly_reserved_ids_to_their_ne
     .collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_reload_in_the_middle_of_a_batch_applies_after_the_observations_before_it_are_committed() {
+    let (_d, path) = db();
+    let mut s = settings(&[]);
+    // One batch gathers for 300 ms: the removed source's observation, the reload and the new
+    // source's observation all arrive inside it.
+    s.commit_delay = Duration::from_millis(300);
+    let h = Harness::start(&path, s);
+    h.send(plain(obs_from("old", "a", 2000, 0)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut next = settings(&[]);
+    next.commit_delay = Duration::from_millis(300);
+    h.msg(WriterMsg::Reconfigure(Box::new(
+        crate::channel::Reconfigure {
+            settings: next,
+            removed_sources: vec!["old".into()],
+            applied: Ack::new(move || {
+                let _ = tx.send(());
+            }),
+        },
+    )));
+    h.send(plain(obs_from("new", "a", 2100, 1)));
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    h.wait_events(2);
+    let conflicts = h.stats.conflicts.load(Ordering::SeqCst);
+    h.stop();
+    assert_eq!(
+        conflicts, 0,
+        "the renamed source owns the device after the reload"
+    );
+    let sps: Vec<String> = events(&path)
+        .into_iter()
+        .map(|e| {
+            e.state
+                .setpoint
+                .map(|t| t.value.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(sps, vec!["20.0", "21.0"]);
+}
