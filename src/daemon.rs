@@ -323,27 +323,25 @@ async fn apply(
         stopped: plan.stopped,
         restarted: plan.restarted,
         unchanged: plan.unchanged,
-        writer_changed: format!("{:?}", writer_settings(cfg))
-            != format!("{:?}", writer_settings(&new)),
+        writer_changed: settings_key(&writer_settings(cfg)) != settings_key(&writer_settings(&new)),
         problems: Vec::new(),
         warnings: new.warnings().iter().map(ToString::to_string).collect(),
     };
     // An in-flight request ends within its own timeout; a replacement must never run beside
     // the old instance (same cursor row, same MQTT client id).
-    let timeout = Duration::from_secs(new.pipeline.shutdown_grace_secs.max(30));
-    let mut stuck = std::collections::HashSet::new();
+    // All told to stop at once, then awaited under one deadline.
+    let timeout = Duration::from_secs(new.pipeline.shutdown_grace_secs.max(10));
+    let deadline = tokio::time::Instant::now() + timeout;
     for (role, name) in &plan.stop {
         if *role == Role::Source {
             lock_sources(sources).retain(|(n, _, _)| n != name);
         }
-        if !supervisor.stop_and_wait(*role, name, timeout).await {
-            outcome.problems.push(format!(
-                "{} {name}: still stopping after {}s, so it was not started again; reload again or restart the service",
-                if *role == Role::Source { "source" } else { "sink" },
-                timeout.as_secs()
-            ));
-            stuck.insert((*role, name.clone()));
-        }
+        supervisor.stop(*role, name);
+    }
+    for (role, name) in &plan.stop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // `stop` moved it out of the running set: wait on it as a stopping one.
+        let _ = supervisor.stop_and_wait(*role, name, left).await;
     }
     let removed_sources: Vec<String> = plan
         .stop
@@ -365,17 +363,42 @@ async fn apply(
             let _ = tx.send(());
         }),
     }));
-    let taken = pipes.obs.send(msg).await.is_ok()
-        && matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
+    // Bounded: a writer stuck on a disk that does not answer must not keep the daemon from
+    // its other work (SIGTERM is looked at again once this returns).
+    let taken = match tokio::time::timeout(timeout, pipes.obs.send(msg)).await {
+        Ok(Ok(())) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+        _ => false,
+    };
     if !taken {
-        outcome.problems.push(
-            "the writer did not take the new settings (it is stopping); nothing new was started"
-                .to_string(),
-        );
-        return outcome;
+        outcome.applied = false;
+        outcome.problems.push(format!(
+            "the writer did not take the new settings within {}s (a disk that does not answer?): sources and changed sinks were started again, added sinks were not; reload again later",
+            timeout.as_secs()
+        ));
     }
     for c in plan.start {
-        if stuck.contains(&(c.role, c.name.clone())) {
+        if supervisor.still_stopping(c.role, &c.name) {
+            let kind = if c.role == Role::Source {
+                "source"
+            } else {
+                "sink"
+            };
+            outcome.problems.push(format!(
+                "{kind} {}: its previous instance is still stopping (an in-flight request), so it was not started; reload again once it has ended, or restart the service",
+                c.name
+            ));
+            outcome
+                .started
+                .retain(|x| x != &format!("{kind} {}", c.name));
+            outcome
+                .restarted
+                .retain(|x| x != &format!("{kind} {}", c.name));
+            continue;
+        }
+        let label = format!("sink {}", c.name);
+        if !taken && c.role == Role::Sink && outcome.started.contains(&label) {
+            // Garbage collection does not wait for its cursor yet: it must not start.
+            outcome.started.retain(|x| x != &label);
             continue;
         }
         if let Some(st) = &c.stats {
@@ -383,7 +406,9 @@ async fn apply(
         }
         supervisor.start(c);
     }
-    *cfg = new;
+    if taken {
+        *cfg = new;
+    }
     outcome
 }
 
@@ -618,6 +643,8 @@ async fn wait(
         }
     };
     tokio::select! {
+        // A stop wins over a reload asked at the same moment.
+        biased;
         _ = shutdown.cancelled() => Wake::Stop(None),
         r = &mut writer.done => {
             writer.result = Some(r);
@@ -641,10 +668,22 @@ async fn stop(
 ) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("Shutting down: stopping sources, flushing the writer");
-    supervisor.stop_sources().await;
+    if !supervisor.stop_sources(grace).await {
+        tracing::error!(
+            grace_secs = grace.as_secs(),
+            "A source did not stop within the grace period; what it handed over is committed, the rest stays with the broker or device"
+        );
+    }
     let result = match writer.result {
-        Some(r) => r,
-        None => writer.done.await,
+        Some(r) => Some(r),
+        // A source that never stopped still holds the writer's channel: do not wait forever.
+        None => tokio::time::timeout(grace * 2, writer.done).await.ok(),
+    };
+    let Some(result) = result else {
+        tracing::error!(
+            "The writer did not finish within twice the grace period; exiting (committed events are safe)"
+        );
+        return Err(fatal.unwrap_or_else(|| anyhow::anyhow!("the writer did not finish in time")));
     };
     match result {
         Ok(Ok(())) => {}
@@ -669,6 +708,32 @@ async fn stop(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The writer's settings as comparable text (maps sorted: a `HashMap`'s order is random).
+fn settings_key(s: &WriterSettings) -> String {
+    let devices: std::collections::BTreeMap<_, _> = s
+        .devices
+        .iter()
+        .map(|(k, v)| (k, format!("{v:?}")))
+        .collect();
+    let reserved: std::collections::BTreeMap<_, _> = s.reserved.iter().collect();
+    format!(
+        "{devices:?}|{reserved:?}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{}|{:?}|{:?}|{:?}",
+        s.policy,
+        s.batch_max,
+        s.commit_delay,
+        s.snapshot_interval_ms,
+        s.checkpoint_interval,
+        s.sinks,
+        s.max_bytes,
+        s.max_events,
+        s.max_dead_letters,
+        s.max_devices,
+        s.device_expiry,
+        s.clock_source,
+        s.default_plant
+    )
 }
 
 /// The writer's settings from the config.

@@ -278,6 +278,9 @@ pub struct Supervisor {
     sinks_token: CancellationToken,
     fail: mpsc::Sender<anyhow::Error>,
     running: HashMap<(Role, String), Running>,
+    /// Components told to stop that had not ended within the wait: never replaced while they
+    /// still run (one cursor row, one MQTT client id).
+    stopping: HashMap<(Role, String), tokio::task::JoinHandle<()>>,
 }
 
 /// A started component: how to stop it, how to know it ended, what config it runs.
@@ -299,6 +302,7 @@ impl Supervisor {
                 sinks_token: CancellationToken::new(),
                 fail,
                 running: HashMap::new(),
+                stopping: HashMap::new(),
             },
             rx,
         )
@@ -374,11 +378,40 @@ impl Supervisor {
     /// whether it ended in time.
     pub async fn stop_and_wait(&mut self, role: Role, name: &str, timeout: Duration) -> bool {
         match self.running.remove(&(role, name.to_string())) {
-            Some(r) => {
+            Some(mut r) => {
                 r.token.cancel();
-                tokio::time::timeout(timeout, r.handle).await.is_ok()
+                if tokio::time::timeout(timeout, &mut r.handle).await.is_ok() {
+                    true
+                } else {
+                    self.stopping.insert((role, name.to_string()), r.handle);
+                    false
+                }
             }
-            None => true,
+            None => {
+                let key = (role, name.to_string());
+                let Some(h) = self.stopping.get_mut(&key) else {
+                    return true;
+                };
+                let ended = tokio::time::timeout(timeout, h).await.is_ok();
+                if ended {
+                    self.stopping.remove(&key);
+                }
+                ended
+            }
+        }
+    }
+
+    /// Whether a component told to stop has still not ended (then nothing may start under its
+    /// name yet).
+    pub fn still_stopping(&mut self, role: Role, name: &str) -> bool {
+        let key = (role, name.to_string());
+        match self.stopping.get(&key) {
+            Some(h) if h.is_finished() => {
+                self.stopping.remove(&key);
+                false
+            }
+            Some(_) => true,
+            None => false,
         }
     }
 
@@ -405,6 +438,7 @@ impl Supervisor {
         match self.running.remove(&(role, name.to_string())) {
             Some(r) => {
                 r.token.cancel();
+                self.stopping.insert((role, name.to_string()), r.handle);
                 true
             }
             None => false,
@@ -423,11 +457,14 @@ impl Supervisor {
         v
     }
 
-    /// Stops every source and the daemon's own tasks, and waits for them.
-    pub async fn stop_sources(&self) {
+    /// Stops every source and the daemon's own tasks, and waits for them at most `grace`;
+    /// returns whether they all stopped.
+    pub async fn stop_sources(&self, grace: Duration) -> bool {
         self.sources_token.cancel();
         self.sources.close();
-        self.sources.wait().await;
+        tokio::time::timeout(grace, self.sources.wait())
+            .await
+            .is_ok()
     }
 
     /// Stops every sink and waits for them at most `grace`; returns whether they all stopped.
