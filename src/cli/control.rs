@@ -157,7 +157,7 @@ pub fn retry(
     }
     let mut code = 0;
     if let (Some(limit), true, true) = (wait, running.is_some(), n > 0) {
-        let deadline = Instant::now() + limit;
+        let deadline = Instant::now() + limit.min(Duration::from_secs(86_400));
         let (waiting, refused) = loop {
             let (waiting, refused) = control::retry_progress(&conn, db, id)?;
             if waiting == 0 || Instant::now() >= deadline {
@@ -354,7 +354,7 @@ pub fn test_sink(config: &Path, name: &str, timeout: Duration, json: bool) -> an
         Some(pid) => {
             let conn = open_rw(&db)?;
             let id = control::request(&conn, &db, &req)?;
-            let deadline = Instant::now() + timeout;
+            let deadline = Instant::now() + timeout.min(Duration::from_secs(86_400));
             loop {
                 if let Some(c) = control::get(&conn, &db, id)?.filter(|c| c.state != "pending") {
                     let t = serde_json::from_str(c.outcome.as_deref().unwrap_or_default())

@@ -83,7 +83,7 @@ fn ask(db: &Path, pid: Option<u32>, timeout: Duration) -> anyhow::Result<Asked> 
             "cannot signal the daemon (pid {pid}): {e}; run this as the service user or root (or use `systemctl reload hvac-edge`)"
         );
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout.min(Duration::from_secs(86_400));
     loop {
         if let Some(r) = reloads::after(&conn, db, last, pid)? {
             let outcome: ReloadOutcome = serde_json::from_str(&r.outcome)

@@ -37,14 +37,18 @@ pub fn set(db: &Path, name: &str, enabled: bool, note: Option<&str>) -> anyhow::
     }
     let by = who();
     let now = crate::telemetry::now_ms();
-    outbox::set_sink_control(&conn, db, name, enabled, note, Some(&by), now)?;
+    // The switch and its record in one transaction.
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?;
+    outbox::set_sink_control(&tx, db, name, enabled, note, Some(&by), now)?;
     let action = if enabled {
         "sink_enable"
     } else {
         "sink_disable"
     };
     crate::store::control::record_done(
-        &conn,
+        &tx,
         db,
         &crate::store::control::Request {
             at: now,
@@ -60,6 +64,8 @@ pub fn set(db: &Path, name: &str, enabled: bool, note: Option<&str>) -> anyhow::
             "disabled: its events are held"
         },
     )?;
+    tx.commit()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?;
     if enabled {
         println!(
             "sink {name} enabled by {by}; a running daemon delivers what it held within a second"

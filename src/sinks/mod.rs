@@ -54,6 +54,10 @@ const REJECTING_EVERY_EVENT: &str = "rejecting every event";
 /// How often a sink disabled by a technician looks whether it was enabled again.
 const CONTROL_POLL: Duration = Duration::from_secs(1);
 
+/// A test delivery asked longer ago than this is not sent (the CLI waits at most its
+/// `--timeout-secs`, 30 s by default).
+const TEST_STALE_MS: i64 = 120_000;
+
 /// Longest wait before a sink tries again after a store error.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -1259,7 +1263,18 @@ impl<T: Transport> Runner<T> {
                 return Ok(());
             };
             let clock = crate::store::writer::clock_state(self.ctx.clock_source);
-            let (ok, events, outcome) = if change.action == "sink_test" {
+            let age_ms = crate::telemetry::now_ms() - change.at;
+            let (ok, events, outcome) = if age_ms > TEST_STALE_MS {
+                // Nobody waits for it any more (the CLI was interrupted): never sent late.
+                (
+                    false,
+                    0,
+                    format!(
+                        "not sent: asked {} s ago and nobody waited for it",
+                        age_ms / 1000
+                    ),
+                )
+            } else if change.action == "sink_test" {
                 let t = self.sink.test_delivery(&change.by, change.id, clock).await;
                 tracing::info!(sink = %st.name, ok = t.ok, status = ?t.status, latency_ms = t.latency_ms, by = %change.by, "Test delivery");
                 (t.ok, 1, serde_json::to_string(&t).unwrap_or_default())
@@ -1314,6 +1329,32 @@ impl<T: Transport> Runner<T> {
             self.requeued = false;
             self.requeue_single = false;
             return Ok(false);
+        }
+        // A row that cannot be read is a fault of that event: never sent, a dead letter again.
+        if rows.iter().any(|(_, e)| e.damaged) {
+            let damaged: Vec<i64> = rows
+                .iter()
+                .filter(|(_, e)| e.damaged)
+                .map(|(id, _)| *id)
+                .collect();
+            tracing::error!(sink = %name, count = damaged.len(), "Re-queued dead letters are unreadable; they stay dead letters (unreadable)");
+            let now = crate::telemetry::now_ms();
+            st.blocking(move |c, p| -> Result<(), store::Error> {
+                for id in damaged {
+                    store::control::requeued_refused(
+                        c,
+                        p,
+                        id,
+                        "unreadable",
+                        None,
+                        Some("the stored event cannot be read"),
+                        now,
+                    )?;
+                }
+                Ok(())
+            })
+            .await??;
+            return Ok(true);
         }
         let (ids, batch): (Vec<i64>, Vec<outbox::StoredEvent>) = rows.into_iter().unzip();
         st.row.attempts = st.row.attempts.saturating_add(1);
