@@ -65,8 +65,9 @@ pub enum Command {
     /// what changed (or every problem that kept the old config running).
     ///
     /// Sources and sinks added, removed or changed are started, stopped or restarted; the
-    /// others keep running; nothing queued is lost. `[gateway]`, `[store]`, `[log]` and
-    /// `pipeline.queue_len` need a restart. Exit 0 applied, 1 refused, 3 not running, 78 invalid.
+    /// others keep running; nothing queued is lost. `[gateway]`, `[store]`, `[log]`,
+    /// `[metrics]` and `pipeline.queue_len` need a restart, and so does a secret file renewed in
+    /// place. Exit 0 applied, 1 refused, 3 not running, 78 invalid.
     ///
     /// Example: `sudo -u hvac-edge hvac-edge reload` (or `systemctl reload hvac-edge`)
     Reload {
