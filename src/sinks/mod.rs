@@ -740,6 +740,14 @@ fn stamped_unsynced(payload: &str) -> bool {
     )
 }
 
+/// What one delivery attempt gave.
+struct Attempt {
+    outcome: delivery::Outcome,
+    verdict: Verdict,
+    duration_ms: i64,
+    failures: u32,
+}
+
 struct Runner<T: Transport> {
     sink: Sink<T>,
     ctx: SinkContext,
@@ -1076,21 +1084,12 @@ impl<T: Transport> Runner<T> {
                 st.dead_letter(dead, "expired", None, None).await?;
                 continue;
             }
-            st.row.attempts = st.row.attempts.saturating_add(1);
-            let started = Instant::now();
-            let outcome = self.sink.transport.deliver(&batch).await;
-            let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-            st.row.last_duration_ms = Some(duration_ms);
-            let failures = u32::try_from(st.row.consecutive_failures)
-                .unwrap_or(u32::MAX)
-                .saturating_add(1);
-            let verdict = classify(
-                &outcome,
-                &self.sink.cfg.policy,
+            let Attempt {
+                outcome,
+                verdict,
+                duration_ms,
                 failures,
-                fastrand::f64(),
-                std::time::SystemTime::now(),
-            );
+            } = self.attempt(&mut st, &batch).await;
             let now = crate::telemetry::now_ms();
             let last = batch[batch.len() - 1].pos;
             match &outcome {
@@ -1250,6 +1249,32 @@ impl<T: Transport> Runner<T> {
         Ok(())
     }
 
+    /// One delivery attempt of `batch`: counted, timed and classified against the retry policy
+    /// (`failures` includes this one if it failed).
+    async fn attempt(&mut self, st: &mut LoopState, batch: &[outbox::StoredEvent]) -> Attempt {
+        st.row.attempts = st.row.attempts.saturating_add(1);
+        let started = Instant::now();
+        let outcome = self.sink.transport.deliver(batch).await;
+        let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        st.row.last_duration_ms = Some(duration_ms);
+        let failures = u32::try_from(st.row.consecutive_failures)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        let verdict = classify(
+            &outcome,
+            &self.sink.cfg.policy,
+            failures,
+            fastrand::f64(),
+            std::time::SystemTime::now(),
+        );
+        Attempt {
+            outcome,
+            verdict,
+            duration_ms,
+            failures,
+        }
+    }
+
     /// A technician's `sinks test` waiting for this sink (a `pending` row of `control`): one
     /// test delivery each, whatever the sink's state (a paused or banned endpoint can be tested
     /// before it is enabled), the outcome recorded in the row.
@@ -1357,21 +1382,12 @@ impl<T: Transport> Runner<T> {
             return Ok(true);
         }
         let (ids, batch): (Vec<i64>, Vec<outbox::StoredEvent>) = rows.into_iter().unzip();
-        st.row.attempts = st.row.attempts.saturating_add(1);
-        let started = Instant::now();
-        let outcome = self.sink.transport.deliver(&batch).await;
-        let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        st.row.last_duration_ms = Some(duration_ms);
-        let failures = u32::try_from(st.row.consecutive_failures)
-            .unwrap_or(u32::MAX)
-            .saturating_add(1);
-        let verdict = classify(
-            &outcome,
-            &self.sink.cfg.policy,
+        let Attempt {
+            outcome,
+            verdict,
+            duration_ms,
             failures,
-            fastrand::f64(),
-            std::time::SystemTime::now(),
-        );
+        } = self.attempt(st, &batch).await;
         let now = crate::telemetry::now_ms();
         if verdict != Verdict::Delivered {
             self.record_attempt(st, &batch, &outcome, duration_ms, now)

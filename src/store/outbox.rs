@@ -412,6 +412,23 @@ pub fn dead_letter(
     Ok(())
 }
 
+/// Every sink row, by name.
+///
+/// # Errors
+/// A store error naming the file.
+pub fn all_sinks(conn: &Connection, path: &Path) -> Result<Vec<SinkRow>, Error> {
+    let c = ctx(path);
+    let mut st = conn
+        .prepare(&format!("SELECT {SINK_COLUMNS} FROM sinks ORDER BY name"))
+        .map_err(&c)?;
+    let rows = st
+        .query_map([], row_to_sink)
+        .map_err(&c)?
+        .collect::<Result<_, _>>()
+        .map_err(&c)?;
+    Ok(rows)
+}
+
 /// Time `queue stats` may spend counting events after holes left by the size cap.
 const COUNT_BUDGET: std::time::Duration = std::time::Duration::from_millis(80);
 
@@ -461,14 +478,7 @@ pub struct QueueStats {
 /// A store error naming the file.
 pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStats, Error> {
     let c = ctx(path);
-    let mut st = conn
-        .prepare(&format!("SELECT {SINK_COLUMNS} FROM sinks ORDER BY name"))
-        .map_err(&c)?;
-    let rows: Vec<SinkRow> = st
-        .query_map([], row_to_sink)
-        .map_err(&c)?
-        .collect::<Result<_, _>>()
-        .map_err(&c)?;
+    let rows = all_sinks(conn, path)?;
     // Counts by position arithmetic (exact unless the size cap left holes; then counted within
     // a budget, `pending_exact` false beyond it): never a scan of a million pending events.
     let mut lowers: Vec<i64> = rows.iter().map(|r| r.cursor).collect();
@@ -659,14 +669,7 @@ pub fn sink_figures(
     last_pos: i64,
 ) -> Result<Vec<SinkFigures>, Error> {
     let c = ctx(path);
-    let mut st = conn
-        .prepare(&format!("SELECT {SINK_COLUMNS} FROM sinks ORDER BY name"))
-        .map_err(&c)?;
-    let rows: Vec<SinkRow> = st
-        .query_map([], row_to_sink)
-        .map_err(&c)?
-        .collect::<Result<_, _>>()
-        .map_err(&c)?;
+    let rows = all_sinks(conn, path)?;
     let last_pos = if last_pos > 0 {
         last_pos
     } else {

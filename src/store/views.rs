@@ -215,20 +215,7 @@ pub struct StatusData {
 /// # Errors
 /// A store error naming the file.
 pub fn sinks(conn: &Connection, path: &Path) -> Result<Vec<outbox::SinkRow>> {
-    let names: Vec<String> = conn
-        .prepare("SELECT name FROM sinks ORDER BY name")
-        .and_then(|mut st| {
-            st.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<_>>()
-        })
-        .map_err(ctx(path))?;
-    let mut out = Vec::new();
-    for n in names {
-        if let Some(r) = outbox::sink_row(conn, path, &n)? {
-            out.push(r);
-        }
-    }
-    Ok(out)
+    outbox::all_sinks(conn, path)
 }
 
 /// Reads what `status` shows; counts take at most about `budget` (see [`count_after`]).
