@@ -250,7 +250,19 @@ async fn reload(
     }
     let _ = sd_notify::notify(&notify);
     tracing::info!(config = %r.path.display(), "Reloading the configuration");
-    let outcome = apply(cfg, r, pipes, supervisor, sources).await;
+    // Read before the file is: a request recorded later belongs to the next reload.
+    let (db, opts) = (cfg.store.path.clone(), store_options(cfg));
+    let request = tokio::task::spawn_blocking(move || {
+        store::open(&db, store::Mode::ReadOnly, &opts)
+            .and_then(|c| store::reloads::request(&c, &db))
+            .ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .filter(|n| *n != 0);
+    let mut outcome = apply(cfg, r, pipes, supervisor, sources).await;
+    outcome.request = request;
     if outcome.applied {
         tracing::info!("{}", outcome.summary());
         for p in &outcome.problems {
@@ -326,10 +338,11 @@ async fn apply(
         writer_changed: settings_key(&writer_settings(cfg)) != settings_key(&writer_settings(&new)),
         problems: Vec::new(),
         warnings: new.warnings().iter().map(ToString::to_string).collect(),
+        request: None,
     };
     // An in-flight request ends within its own timeout; a replacement must never run beside
-    // the old instance (same cursor row, same MQTT client id).
-    // All told to stop at once, then awaited under one deadline.
+    // the old instance (same cursor row, same MQTT client id): all told to stop at once, then
+    // awaited under one deadline.
     let timeout = Duration::from_secs(new.pipeline.shutdown_grace_secs.max(10));
     let deadline = tokio::time::Instant::now() + timeout;
     for (role, name) in &plan.stop {

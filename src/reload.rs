@@ -41,6 +41,10 @@ pub struct ReloadOutcome {
     /// Warnings of the new config (as `check-config` prints them).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The request nonce `hvac-edge reload` recorded before signalling (see
+    /// `store::reloads::set_request`), as read when this reload began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<i64>,
 }
 
 impl ReloadOutcome {

@@ -73,7 +73,13 @@ fn ask(db: &Path, pid: Option<u32>, timeout: Duration) -> anyhow::Result<Asked> 
     if let Some(why) = not_hvac_edge(pid) {
         return Ok(Asked::NotRunning(why));
     }
-    let last = reloads::last_id(&conn, db)?;
+    let mut last = reloads::last_id(&conn, db)?;
+    // Our own request, so that the outcome printed is of the reload this call asked for.
+    let nonce = fastrand::i64(1..i64::MAX);
+    {
+        let rw = store::open(db, store::Mode::Existing, &store::Options::default())?;
+        reloads::set_request(&rw, db, nonce)?;
+    }
     let pid_t =
         libc::pid_t::try_from(pid).map_err(|_| anyhow::anyhow!("pid {pid} is out of range"))?;
     // SAFETY: kill has no memory preconditions; the pid was checked to be hvac-edge.
@@ -85,10 +91,14 @@ fn ask(db: &Path, pid: Option<u32>, timeout: Duration) -> anyhow::Result<Asked> 
     }
     let deadline = Instant::now() + timeout.min(Duration::from_secs(86_400));
     loop {
-        if let Some(r) = reloads::after(&conn, db, last, pid)? {
+        while let Some(r) = reloads::after(&conn, db, last, pid)? {
+            last = r.id;
             let outcome: ReloadOutcome = serde_json::from_str(&r.outcome)
                 .map_err(|e| anyhow::anyhow!("the daemon's reload record is unreadable: {e}"))?;
-            return Ok(Asked::Answer(pid, outcome));
+            // A reload already under way when we signalled read the file before our change.
+            if outcome.request == Some(nonce) {
+                return Ok(Asked::Answer(pid, outcome));
+            }
         }
         if Instant::now() >= deadline {
             anyhow::bail!(

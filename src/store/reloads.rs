@@ -30,6 +30,24 @@ pub fn daemon(conn: &Connection, db: &Path) -> Result<Option<(u32, i64)>> {
     Ok(u32::try_from(pid).ok().filter(|p| *p > 0).map(|p| (p, at)))
 }
 
+/// Records the nonce of a reload request (`hvac-edge reload`), which the daemon copies into
+/// the outcome of the reload it runs next: the CLI prints its own reload, not one already under
+/// way when it signalled.
+///
+/// # Errors
+/// A store error.
+pub fn set_request(conn: &Connection, db: &Path, nonce: i64) -> Result<()> {
+    meta_set(conn, "reload_request", nonce).map_err(ctx(db))
+}
+
+/// The nonce of the last reload request (0 when none).
+///
+/// # Errors
+/// A store error.
+pub fn request(conn: &Connection, db: &Path) -> Result<i64> {
+    meta_get(conn, "reload_request").map_err(ctx(db))
+}
+
 /// One recorded reload.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Reload {

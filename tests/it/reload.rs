@@ -431,3 +431,55 @@ async fn reloads_while_messages_flow_restart_the_source_and_sinks_without_a_loss
         d.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_prints_the_outcome_of_its_own_request_not_of_one_already_under_way() {
+    let sb = Sandbox::new("reload_nonce");
+    let a = Receiver::start([]).await;
+    let mut tc = TestConfig::new(&sb);
+    tc.http_sink("a", &a);
+    let config = tc.write("hvac-edge.toml");
+    let mut d = DaemonProcess::spawn(&config, sb.path(), &[]);
+    let db_path = tc.db_path();
+    wait_until_async("the daemon recorded its pid", TIMEOUT, || {
+        db_path.exists()
+            && Db::open(&db_path).count("SELECT COUNT(*) FROM meta WHERE key = 'daemon_pid'") == 1
+    })
+    .await;
+    // A reload someone else asked for (a bare SIGHUP), then ours right behind it.
+    d.signal(libc::SIGHUP);
+    let out = reload(&config);
+    let o = outcome(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}");
+    let ours = o["request"]
+        .as_i64()
+        .expect("our request's nonce in the outcome");
+    let db = Db::open(&db_path);
+    assert_eq!(
+        db.count("SELECT value FROM meta WHERE key = 'reload_request'"),
+        ours
+    );
+    let rows: Vec<serde_json::Value> = {
+        let n = db.count("SELECT COUNT(*) FROM reloads");
+        (0..n)
+            .map(|i| {
+                serde_json::from_str(&db.text(&format!(
+                    "SELECT outcome FROM reloads ORDER BY id LIMIT 1 OFFSET {i}"
+                )))
+                .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["request"].as_i64() == Some(ours))
+            .count(),
+        1,
+        "exactly one reload carried our request: {rows:?}"
+    );
+    d.sigterm();
+    assert_eq!(
+        d.wait_timeout_async(TIMEOUT).await.and_then(|s| s.code()),
+        Some(0)
+    );
+}
