@@ -96,6 +96,7 @@ fn main() {
                         events,
                         since,
                         until,
+                        configured: db.sink_names(),
                     };
                     exit(db.path().and_then(|p| {
                         cli::control::retry(

@@ -51,11 +51,14 @@ pub struct Selection {
     pub events: Vec<String>,
     pub since: Option<String>,
     pub until: Option<String>,
+    /// The sinks of the config, when it could be read: `retry` re-queues only for them.
+    pub configured: Option<Vec<String>>,
 }
 
 impl Selection {
     fn resolve(&self, now: i64) -> anyhow::Result<DeadSelection> {
         Ok(DeadSelection {
+            only_sinks: None,
             sink: self.sink.clone(),
             reason: self.reason.clone(),
             events: self.events.clone(),
@@ -99,8 +102,31 @@ pub fn retry(
     json: bool,
 ) -> anyhow::Result<i32> {
     let now = crate::telemetry::now_ms();
-    let dead = sel.resolve(now)?;
+    let mut dead = sel.resolve(now)?;
+    if let (Some(configured), Some(s)) = (&sel.configured, &sel.sink)
+        && !configured.contains(s)
+    {
+        anyhow::bail!(
+            "sink {s:?} is not in the config: nothing would send its dead letters (configured: {})",
+            configured.join(", ")
+        );
+    }
     let mut conn = open_rw(db)?;
+    // Dead letters of sinks that no longer run are left alone (and said so).
+    let unconfigured = match &sel.configured {
+        Some(c) => {
+            let all = control::count_dead(&conn, db, &dead)?;
+            dead.only_sinks = Some(c.clone());
+            all.into_iter().filter(|(s, _)| !c.contains(s)).collect()
+        }
+        None => Vec::new(),
+    };
+    if !unconfigured.is_empty() && !json {
+        eprintln!(
+            "left alone: dead letters of sinks no longer configured ({}); `hvac-edge queue purge --sink NAME` removes them",
+            per_sink(&unconfigured)
+        );
+    }
     let counts = control::count_dead(&conn, db, &dead)?;
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
     if dry_run {

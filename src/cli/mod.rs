@@ -419,6 +419,13 @@ pub struct DbArgs {
 }
 
 impl DbArgs {
+    /// The sink names of the config, if it can be read (`--db` alone may come without one).
+    pub fn sink_names(&self) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(&self.config).ok()?;
+        let cfg: crate::config::Config = toml::from_str(&text).ok()?;
+        Some(cfg.sinks.names())
+    }
+
     /// The database path.
     ///
     /// # Errors

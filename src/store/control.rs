@@ -185,6 +185,10 @@ pub struct DeadSelection {
     /// Dead before (ms, exclusive).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<i64>,
+    /// Only dead letters of these sinks (the configured ones: a retry for a sink that no
+    /// longer runs would wait forever).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub only_sinks: Option<Vec<String>>,
 }
 
 impl DeadSelection {
@@ -208,6 +212,18 @@ impl DeadSelection {
                 marks.push(format!("?{}", p.len()));
             }
             w.push(format!("event_id IN ({})", marks.join(", ")));
+        }
+        if let Some(only) = &self.only_sinks {
+            let mut marks = Vec::new();
+            for n in only {
+                p.push(Value::Text(n.clone()));
+                marks.push(format!("?{}", p.len()));
+            }
+            if marks.is_empty() {
+                w.push("0".to_string());
+            } else {
+                w.push(format!("sink IN ({})", marks.join(", ")));
+            }
         }
         if let Some(t) = self.since {
             p.push(Value::Integer(t));

@@ -416,3 +416,57 @@ async fn technician_commands_in_a_loop_during_full_speed_ingest_and_delivery_loc
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_retry_leaves_dead_letters_of_sinks_no_longer_configured_alone() {
+    let sb = Sandbox::new("control_retry_removed");
+    let broker = Mosquitto::start();
+    let receiver = Receiver::start([]).await;
+    refuse_30(&receiver);
+    let mut tc = TestConfig::new(&sb);
+    tc.z2m_source("z2m", broker.port())
+        .http_sink("up", &receiver)
+        .http_sink("old", &receiver);
+    let daemon = Daemon::start(tc.build()).await;
+    broker
+        .wait_subscribed(&tc.client_id("z2m"), 1, TIMEOUT)
+        .await;
+    let mut p = Publisher::connect(broker.port()).await;
+    p.publish(
+        &format!("{}/hall", tc.base_topic()),
+        "{\"occupied_heating_setpoint\":30.0}",
+        false,
+    )
+    .await;
+    let db_path = tc.db_path();
+    wait_until_async("a dead letter per sink", TIMEOUT, || {
+        Db::open(&db_path).count("SELECT COUNT(*) FROM dead_letters") == 2
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    tc.remove_sink("old");
+    let config = tc.write("hvac-edge.toml");
+    let out = cli(&config, &["queue", "retry", "--sink", "old"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sink \"old\" is not in the config"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&config, &["queue", "retry"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("left alone: dead letters of sinks no longer configured (old 1)")
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("re-queued 1 dead letter(s) (up 1)"));
+    let db = Db::open(&db_path);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE sink = 'old' AND requeued_at IS NULL"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE sink = 'up' AND requeued_at IS NOT NULL"),
+        1
+    );
+}
