@@ -325,13 +325,33 @@ async fn an_unreadable_stored_event_becomes_an_unreadable_dead_letter_and_the_re
     s.receiver.stop().await;
     let db = publish_events(&mut s, &["trv"], 3).await;
     let rows = db.events();
+    // Paused while the row is damaged, so that no attempt holds the intact row in memory.
+    let dbfile = sb.path().join("hvac-edge.db");
+    let switch = |on: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvac-edge"))
+            .args(["sinks", on, "upstream", "--db"])
+            .arg(&dbfile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    switch("disable");
+    wait_until_async("paused", TIMEOUT, || {
+        db.text("SELECT status FROM sinks WHERE name = 'upstream'") == "PAUSED"
+    })
+    .await;
     // Damage the middle event on disk: its payload is no longer UTF-8.
-    let c = rusqlite::Connection::open(sb.path().join("hvac-edge.db")).unwrap();
+    let c = rusqlite::Connection::open(&dbfile).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
     c.execute("UPDATE events SET payload = X'FF7B22' WHERE pos = 2", [])
         .unwrap();
     drop(c);
     s.receiver.restart().await;
+    switch("enable");
     let unique = s.receiver.wait_unique_events(2, TIMEOUT).await;
     assert_eq!(ids(&unique), vec![rows[0].id.clone(), rows[2].id.clone()]);
     wait_until_async("the dead letter", TIMEOUT, || {
