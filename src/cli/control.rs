@@ -80,6 +80,15 @@ fn open_rw(db: &Path) -> anyhow::Result<rusqlite::Connection> {
     Ok(store::open(db, Mode::Existing, &Options::default())?)
 }
 
+/// ` (sink n, …)` after a count, or nothing when there is none.
+fn per_sink_suffix(counts: &[(String, i64)]) -> String {
+    if counts.iter().any(|(_, n)| *n > 0) {
+        format!(" ({})", per_sink(counts))
+    } else {
+        String::new()
+    }
+}
+
 fn per_sink(counts: &[(String, i64)]) -> String {
     counts
         .iter()
@@ -138,11 +147,7 @@ pub fn retry(
         } else {
             println!(
                 "would re-queue {total} dead letter(s){}; nothing changed (drop --dry-run to do it)",
-                if total > 0 {
-                    format!(" ({})", per_sink(&counts))
-                } else {
-                    String::new()
-                }
+                per_sink_suffix(&counts)
             );
         }
         return Ok(0);
@@ -168,11 +173,7 @@ pub fn retry(
     if !json {
         println!(
             "re-queued {n} dead letter(s){} for redelivery with their original ids (change #{id}, by {}); {}",
-            if n > 0 {
-                format!(" ({})", per_sink(&counts))
-            } else {
-                String::new()
-            },
+            per_sink_suffix(&counts),
             esc(&by),
             if running.is_some() {
                 "the running daemon sends them within a second, before the pending events"
@@ -248,11 +249,7 @@ pub fn purge(
                 } else {
                     "nothing to delete:"
                 },
-                if total > 0 {
-                    format!(" ({})", per_sink(&counts))
-                } else {
-                    String::new()
-                }
+                per_sink_suffix(&counts)
             );
         }
         return Ok(0);

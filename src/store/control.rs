@@ -65,6 +65,34 @@ pub struct Request<'a> {
     pub args: &'a str,
 }
 
+/// Inserts a `control` row: `done` by the CLI (with its events and outcome, if known yet) or
+/// `pending` for the daemon; returns its id.
+fn insert(
+    conn: &Connection,
+    req: &Request<'_>,
+    done: bool,
+    events: Option<i64>,
+    outcome: Option<&str>,
+) -> rusqlite::Result<i64> {
+    conn.execute(
+        "INSERT INTO control (at, by, action, sink, args, state, applied_at, applied_by, events, outcome)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            req.at,
+            req.by,
+            req.action,
+            req.sink,
+            req.args,
+            if done { "done" } else { "pending" },
+            done.then_some(req.at),
+            done.then_some("cli"),
+            events,
+            outcome
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
 /// Records a change the caller applied itself (`done`, `applied_by = cli`).
 ///
 /// # Errors
@@ -76,13 +104,7 @@ pub fn record_done(
     events: i64,
     outcome: &str,
 ) -> Result<i64> {
-    conn.execute(
-        "INSERT INTO control (at, by, action, sink, args, state, applied_at, applied_by, events, outcome)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'done', ?1, 'cli', ?6, ?7)",
-        params![req.at, req.by, req.action, req.sink, req.args, events, outcome],
-    )
-    .map_err(ctx(db))?;
-    Ok(conn.last_insert_rowid())
+    insert(conn, req, true, Some(events), Some(outcome)).map_err(ctx(db))
 }
 
 /// Records a change for the running daemon to apply (`pending`); returns its id.
@@ -90,12 +112,7 @@ pub fn record_done(
 /// # Errors
 /// A store error.
 pub fn request(conn: &Connection, db: &Path, req: &Request<'_>) -> Result<i64> {
-    conn.execute(
-        "INSERT INTO control (at, by, action, sink, args, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
-        params![req.at, req.by, req.action, req.sink, req.args],
-    )
-    .map_err(ctx(db))?;
-    Ok(conn.last_insert_rowid())
+    insert(conn, req, false, None, None).map_err(ctx(db))
 }
 
 /// The oldest pending change for `sink`, if any.
@@ -272,13 +289,8 @@ pub fn requeue(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(&c)?;
-    tx.execute(
-        "INSERT INTO control (at, by, action, sink, args, state, applied_at, applied_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'done', ?1, 'cli')",
-        params![req.at, req.by, req.action, req.sink, req.args],
-    )
-    .map_err(&c)?;
-    let id = tx.last_insert_rowid();
+    // The row first: the re-queued dead letters point at it.
+    let id = insert(&tx, req, true, None, None).map_err(&c)?;
     let (w, mut p) = sel.clause();
     p.push(rusqlite::types::Value::Integer(req.at));
     p.push(rusqlite::types::Value::Integer(id));
@@ -329,21 +341,14 @@ pub fn purge_dead(
         )
         .map_err(&c)?;
     let n = i64::try_from(n).unwrap_or(i64::MAX);
-    tx.execute(
-        "INSERT INTO control (at, by, action, sink, args, state, applied_at, applied_by, events, outcome)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'done', ?1, 'cli', ?6, ?7)",
-        params![
-            req.at,
-            req.by,
-            req.action,
-            req.sink,
-            req.args,
-            n,
-            format!("{n} dead letter(s) deleted")
-        ],
+    let id = insert(
+        &tx,
+        req,
+        true,
+        Some(n),
+        Some(&format!("{n} dead letter(s) deleted")),
     )
     .map_err(&c)?;
-    let id = tx.last_insert_rowid();
     tx.commit().map_err(&c)?;
     Ok((id, n))
 }
@@ -385,12 +390,8 @@ pub fn requeued_batch(
             params![sink, i64::try_from(max_n).unwrap_or(i64::MAX)],
             |r| {
                 let payload: String = r.get(6)?;
-                let parsed = serde_json::from_str::<serde_json::Value>(&payload).ok();
-                let observed_at = parsed
-                    .as_ref()
-                    .and_then(|v| v.get("observed_at").and_then(|t| t.as_str()))
-                    .and_then(crate::model::parse_rfc3339_ms)
-                    .unwrap_or(0);
+                let damaged = serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err();
+                let observed_at = super::views::payload_observed_at(&payload).unwrap_or(0);
                 Ok((
                     r.get::<_, i64>(0)?,
                     StoredEvent {
@@ -400,7 +401,7 @@ pub fn requeued_batch(
                         seq: r.get(4)?,
                         kind: r.get(5)?,
                         observed_at,
-                        damaged: parsed.is_none(),
+                        damaged,
                         payload,
                     },
                 ))
