@@ -412,6 +412,27 @@ pub fn dead_letter(
     Ok(())
 }
 
+/// `observed_at` of the first event after `cursor` (one indexed lookup), if any.
+fn oldest_after(conn: &Connection, path: &Path, cursor: i64) -> Result<Option<i64>, Error> {
+    conn.query_row(
+        "SELECT observed_at FROM events WHERE pos > ?1 ORDER BY pos LIMIT 1",
+        [cursor],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(ctx(path))
+}
+
+/// A sink's dead letters: (not re-queued, re-queued and waiting).
+fn dead_counts(conn: &Connection, path: &Path, sink: &str) -> Result<(i64, i64), Error> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(requeued_at IS NULL), 0), COALESCE(SUM(requeued_at IS NOT NULL), 0) FROM dead_letters WHERE sink = ?1",
+        [sink],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .map_err(ctx(path))
+}
+
 /// Every sink row, by name.
 ///
 /// # Errors
@@ -486,21 +507,8 @@ pub fn queue_stats(conn: &Connection, path: &Path, now: i64) -> Result<QueueStat
     let counts = super::views::count_after(conn, path, &lowers, COUNT_BUDGET)?;
     let mut sinks = Vec::new();
     for (row, count) in rows.into_iter().zip(counts.iter()) {
-        let oldest: Option<i64> = conn
-            .query_row(
-                "SELECT observed_at FROM events WHERE pos > ?1 ORDER BY pos LIMIT 1",
-                [row.cursor],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(&c)?;
-        let (dead, requeued): (i64, i64) = conn
-            .query_row(
-                "SELECT COALESCE(SUM(requeued_at IS NULL), 0), COALESCE(SUM(requeued_at IS NOT NULL), 0) FROM dead_letters WHERE sink = ?1",
-                [&row.name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(&c)?;
+        let oldest = oldest_after(conn, path, row.cursor)?;
+        let (dead, requeued) = dead_counts(conn, path, &row.name)?;
         let control = sink_control(conn, path, &row.name)?;
         let recent_attempts = recent_attempts(conn, path, &row.name, 3)?;
         sinks.push(SinkQueue {
@@ -678,21 +686,8 @@ pub fn sink_figures(
     };
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let dead: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM dead_letters WHERE sink = ?1 AND requeued_at IS NULL",
-                [&row.name],
-                |r| r.get(0),
-            )
-            .map_err(&c)?;
-        let oldest: Option<i64> = conn
-            .query_row(
-                "SELECT observed_at FROM events WHERE pos > ?1 ORDER BY pos LIMIT 1",
-                [row.cursor],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(&c)?;
+        let (dead, _requeued) = dead_counts(conn, path, &row.name)?;
+        let oldest = oldest_after(conn, path, row.cursor)?;
         out.push(SinkFigures {
             depth: (last_pos - row.cursor).max(0),
             failed: (row.attempts - row.successes).max(0),
