@@ -359,7 +359,7 @@ async fn technician_commands_in_a_loop_during_full_speed_ingest_and_delivery_loc
     let config = tc.write("hvac-edge.toml");
     let mut d = DaemonProcess::spawn(&config, sb.path(), &[]);
     let db_path = tc.db_path();
-    wait_until_async("the database exists", TIMEOUT, || db_path.exists()).await;
+    wait_until_async("the database exists", TIMEOUT, || Db::migrated(&db_path)).await;
     // Every read and write command the technician has, in a loop, while the simulator runs
     // at 2000 changes/s and the sink delivers (bounded: 40 rounds or 60 s).
     let commands: [&[&str]; 6] = [

@@ -361,7 +361,7 @@ async fn reloads_while_messages_flow_restart_the_source_and_sinks_without_a_loss
     let db_path = tc.db_path();
     let committed = |n: i64| {
         let p = db_path.clone();
-        move || p.exists() && Db::open(&p).count("SELECT COUNT(*) FROM events") >= n
+        move || Db::migrated(&p) && Db::open(&p).count("SELECT COUNT(*) FROM events") >= n
     };
     wait_until_async("a first part committed", TIMEOUT, committed(30)).await;
     // Restart the source (keep-alive changed) and add sink b, mid-stream.
@@ -442,7 +442,7 @@ async fn reload_prints_the_outcome_of_its_own_request_not_of_one_already_under_w
     let mut d = DaemonProcess::spawn(&config, sb.path(), &[]);
     let db_path = tc.db_path();
     wait_until_async("the daemon recorded its pid", TIMEOUT, || {
-        db_path.exists()
+        Db::migrated(&db_path)
             && Db::open(&db_path).count("SELECT COUNT(*) FROM meta WHERE key = 'daemon_pid'") == 1
     })
     .await;

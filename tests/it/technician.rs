@@ -239,7 +239,7 @@ impl Site {
     async fn wait_events(&self, n: usize) {
         let db = self.db();
         wait_until_async(&format!("{n} events stored"), TIMEOUT, || {
-            db.exists() && Db::open(&db).count("SELECT COUNT(*) FROM events") as usize >= n
+            Db::migrated(&db) && Db::open(&db).count("SELECT COUNT(*) FROM events") as usize >= n
         })
         .await;
         self.receiver.wait_unique_events(n, TIMEOUT).await;

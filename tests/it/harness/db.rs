@@ -78,6 +78,12 @@ impl Db {
         Db { conn }
     }
 
+    /// Whether the daemon's database at `path` exists and is migrated (the file appears a
+    /// moment before its tables; migrations run in one transaction with `user_version`).
+    pub fn migrated(path: &Path) -> bool {
+        path.exists() && Db::open(path).count("PRAGMA user_version") > 0
+    }
+
     /// The single integer `sql` returns (e.g. `SELECT COUNT(*) FROM events`).
     pub fn count(&self, sql: &str) -> i64 {
         self.conn
