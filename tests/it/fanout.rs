@@ -389,11 +389,12 @@ async fn failures_ban_the_endpoint_for_a_growing_time_and_the_other_sinks_are_to
         notes(&watcher).last() == Some(&("recovered".to_string(), "hook".to_string()))
     })
     .await;
-    assert_eq!(
-        sink_col(&site.tc, "hook", "status").as_deref(),
-        Some("ACTIVE")
-    );
-    assert_eq!(sink_col(&site.tc, "hook", "banned_until"), None);
+    // The note goes out before the sink saves its row: wait for the row.
+    wait_until_async("ACTIVE, ban cleared", TIMEOUT, || {
+        sink_col(&site.tc, "hook", "status").as_deref() == Some("ACTIVE")
+            && sink_col(&site.tc, "hook", "banned_until").is_none()
+    })
+    .await;
     let op = watcher
         .accepted_events()
         .into_iter()
@@ -726,11 +727,12 @@ async fn a_pause_over_a_disabled_sink_keeps_it_disabled_and_enabling_starts_it_a
             && n.contains(&("recovered".to_string(), "hook".to_string()))
     })
     .await;
-    assert_eq!(
-        sink_col(&site.tc, "hook", "status").as_deref(),
-        Some("ACTIVE")
-    );
-    assert_eq!(sink_col(&site.tc, "hook", "disabled_at"), None);
+    // The notes go out before the sink saves its row: wait for the row.
+    wait_until_async("ACTIVE, not disabled", TIMEOUT, || {
+        sink_col(&site.tc, "hook", "status").as_deref() == Some("ACTIVE")
+            && sink_col(&site.tc, "hook", "disabled_at").is_none()
+    })
+    .await;
     r.set_default(Reply::status(503));
     site.setpoint(&mut p, &daemon, "hall", 22.0).await;
     wait_until_async("one failure", TIMEOUT, || {
